@@ -1,0 +1,100 @@
+"""The FastAPI app: engine lifecycle, routers, error handlers, metrics middleware.
+
+Where a request goes: `server/routes/<resource>.py` (one router per resource) ->
+`server/compressor.py` (the compress pipeline) -> `server/engine/engine.py` (vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from server.engine.engine import Engine, EntropyUnavailable
+from server.errors import ApiError, api_error_handler, validation_error_handler
+from server.metrics import Metrics
+from server.routes import compress, health
+from server.routes.deps import check_api_key
+from server.settings import ServerSettings
+
+log = logging.getLogger("stepzip.app")
+
+
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    engine = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(_start(app))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await engine.shutdown()
+
+    app = FastAPI(title="stepzip", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(check_api_key)],
+                  description="Step-entropy chain-of-thought compression over vLLM. "
+                              "Entropies are in nats, of the full next-token distribution "
+                              "at temperature 1 (after penalties, before top-k/top-p).")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = Metrics()
+    app.state.compressor = None
+    app.state.startup_error = None
+    app.state.weight_version = "initial"
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(EntropyUnavailable, _entropy_unavailable)
+    _add_engine_dead_handler(app)
+    app.middleware("http")(_observe)
+    app.include_router(health.router)
+    app.include_router(compress.router)
+    return app
+
+
+async def _start(app: FastAPI) -> None:
+    from server.compressor import Compressor
+
+    engine: Engine = app.state.engine
+    try:
+        if not engine.ready:
+            await engine.start()
+        engine.fetcher.observe = app.state.metrics.entropy_fetch.observe
+        app.state.compressor = Compressor(engine, app.state.settings.step_delimiter)
+    except Exception as exc:  # reported by /health; the process stays up to say so
+        log.exception("engine start-up failed")
+        app.state.startup_error = f"{type(exc).__name__}: {exc}"
+
+
+async def _observe(request: Request, call_next):
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", "unmatched")
+    metrics: Metrics = request.app.state.metrics
+    metrics.requests.labels(path, str(response.status_code)).inc()
+    metrics.latency.labels(path).observe(time.perf_counter() - started)
+    return response
+
+
+async def _entropy_unavailable(_request: Request, exc: EntropyUnavailable):
+    return JSONResponse({"error": f"entropy unavailable: {exc}", "details": []}, status_code=503)
+
+
+def _add_engine_dead_handler(app: FastAPI) -> None:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - vLLM always present where the app runs
+        return
+
+    async def dead(_request: Request, exc: EngineDeadError):
+        return JSONResponse({"error": "engine is dead; restart the server", "details": []},
+                            status_code=503)
+
+    app.add_exception_handler(EngineDeadError, dead)

@@ -1,0 +1,133 @@
+"""Shannon entropy of full next-token distributions, and the device buffer it lands in.
+
+Shared by both logits-processor adapters (`processor_v1`, `processor_v2`). Entropy is
+computed in float32 on the logits' device over the whole vocabulary, in nats, of the
+distribution the processor sees: after bias/penalties, before temperature/top-k/top-p
+(i.e. at temperature 1). Nothing here copies to the host per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+# SamplingParams.extra_args key carrying a request's entropy key.
+EXTRA_ARGS_KEY = "stepzip_entropy_key"
+
+
+def entropy_torch(logits: torch.Tensor) -> torch.Tensor:
+    """Reference path. logits: [rows, vocab] any float dtype -> [rows] float32 nats.
+
+    H = lse(x') - sum(p * x') with x' = x - max(x): shifting first keeps the
+    cancellation error at float32 epsilon times the spread, not times |x|. Masked
+    (-inf) logits have p = 0 and contribute nothing.
+    """
+    x = logits.float()  # [rows, vocab] float32
+    shifted = x - x.amax(dim=-1, keepdim=True)  # [rows, vocab]
+    finite = torch.isfinite(shifted)
+    shifted = torch.where(finite, shifted, torch.zeros((), device=x.device))
+    weights = torch.where(finite, shifted.exp(), torch.zeros((), device=x.device))  # exp(x')
+    total = weights.sum(dim=-1)  # [rows]
+    return total.log() - (weights * shifted).sum(dim=-1) / total  # [rows] float32
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] float32 entropies; fused Triton kernel on CUDA when present."""
+    if logits.is_cuda:
+        from server.engine import entropy_triton
+
+        if entropy_triton.AVAILABLE:
+            return entropy_triton.entropy_triton(logits)
+    return entropy_torch(logits)
+
+
+class EntropyStore:
+    """Device buffer of per-token entropies: [num_entries + 1, max_len] float32.
+
+    Entries are handed out per request key (the key travels in SamplingParams.extra_args)
+    and released when the server fetches them. The last row is a scratch row that absorbs
+    writes for rows nobody asked about, so adapters can write without branching on the
+    host. A key keeps its entry across preemption/recompute; when entries run out, the
+    oldest released-by-engine-but-unfetched entry is evicted (its fetch then reports it).
+    """
+
+    def __init__(self, num_entries: int, max_len: int, device: torch.device | str):
+        self.num_entries = num_entries
+        self.max_len = max_len
+        self.scratch = num_entries
+        self.device = torch.device(device)
+        # buf: [entries + scratch, max_len] float32, NaN = never written
+        self.buf = torch.full((num_entries + 1, max_len), float("nan"), dtype=torch.float32,
+                              device=self.device)
+        self._lock = threading.Lock()
+        self._entry_of: dict[str, int] = {}
+        self._free = list(range(num_entries - 1, -1, -1))
+        self._idle: OrderedDict[str, None] = OrderedDict()  # keys the engine let go of
+        self.evicted: set[str] = set()
+
+    def entry_for(self, key: str) -> int:
+        """The entry of `key`, allocating one (and clearing it) the first time."""
+        with self._lock:
+            if (entry := self._entry_of.get(key)) is not None:
+                self._idle.pop(key, None)
+                return entry
+            if not self._free:
+                if not self._idle:
+                    return self.scratch
+                victim, _ = self._idle.popitem(last=False)
+                self._free.append(self._entry_of.pop(victim))
+                self.evicted.add(victim)
+            entry = self._free.pop()
+            self._entry_of[key] = entry
+        self.buf[entry].fill_(float("nan"))
+        return entry
+
+    def mark_idle(self, key: str) -> None:
+        """The engine removed the request from its batch (finished or preempted)."""
+        with self._lock:
+            if key in self._entry_of:
+                self._idle[key] = None
+
+    def fetch(self, requests: list[tuple[str, int]]) -> dict[str, list[float] | None]:
+        """Copy the first n entropies of each key to the host in ONE transfer and release.
+
+        Returns None for a key this store never saw or had to evict.
+        """
+        with self._lock:
+            found = [(key, self._entry_of.get(key), n) for key, n in requests]
+        rows = [(key, entry, min(n, self.max_len)) for key, entry, n in found if entry is not None]
+        out: dict[str, list[float] | None] = {key: None for key, _ in requests}
+        if rows:
+            width = max(n for _, _, n in rows)
+            index = torch.tensor([entry for _, entry, _ in rows], dtype=torch.long)
+            host = self.buf.index_select(0, index.to(self.device))[:, :width].cpu()  # one copy
+            for i, (key, _, n) in enumerate(rows):
+                out[key] = host[i, :n].tolist()
+        self.release([key for key, _ in requests])
+        return out
+
+    def release(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                entry = self._entry_of.pop(key, None)
+                self._idle.pop(key, None)
+                self.evicted.discard(key)
+                if entry is not None:
+                    self._free.append(entry)
+
+
+_STORE: EntropyStore | None = None
+
+
+def get_store(num_entries: int, max_len: int, device: torch.device | str) -> EntropyStore:
+    """The worker process's one store, shared by the processor and the worker extension."""
+    global _STORE
+    if _STORE is None:
+        _STORE = EntropyStore(num_entries, max_len, device)
+    return _STORE
+
+
+def current_store() -> EntropyStore | None:
+    return _STORE

@@ -1,0 +1,86 @@
+"""Entropy processor for vLLM's legacy (V1) model runner: the CPU path, and GPU with
+VLLM_USE_V2_MODEL_RUNNER=0.
+
+Rows of `apply(logits)` are persistent-batch indices; `update_state` tells which request
+sits in which row. A request's output position is the length of its output-token list
+(vLLM hands us a live reference to it), read on the host: no device sync. Rows of a
+partial (chunked) prefill write a provisional value at that position which the real
+sampling step later overwrites, so the last write per position is always the real one.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store
+
+
+class EntropyProcessorV1(LogitsProcessor):
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        sched = vllm_config.scheduler_config
+        self.store = get_store(
+            num_entries=2 * sched.max_num_seqs + 64,
+            max_len=vllm_config.model_config.max_model_len,
+            device=device,
+        )
+        self.device = device
+        self.pin = is_pin_memory
+        # row -> (key, entry, live output-token list)
+        self.rows: dict[int, tuple[str, int, list[int]]] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        key = (sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"extra_args.{EXTRA_ARGS_KEY} must be a string")
+
+    def is_argmax_invariant(self) -> bool:
+        # It does not change logits, but it must run under all-greedy batches too.
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for row in batch_update.removed:
+            if (held := self.rows.pop(row, None)) is not None:
+                self.store.mark_idle(held[0])
+        for row, params, _prompt_ids, output_ids in batch_update.added:
+            old = self.rows.pop(row, None)
+            if old is not None:
+                self.store.mark_idle(old[0])
+            key = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params else None
+            if key is not None:
+                self.rows[row] = (key, self.store.entry_for(key), output_ids)
+        for a, b, direction in batch_update.moved:
+            held_a = self.rows.pop(a, None)
+            held_b = self.rows.pop(b, None)
+            if held_a is not None:
+                self.rows[b] = held_a
+            if direction == MoveDirectionality.SWAP and held_b is not None:
+                self.rows[a] = held_b
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        num_rows = logits.shape[0]
+        rows, entries, positions = [], [], []
+        for row, (_key, entry, output_ids) in self.rows.items():
+            pos = len(output_ids)
+            if row < num_rows and pos < self.store.max_len:
+                rows.append(row)
+                entries.append(entry)
+                positions.append(pos)
+        if not rows:
+            return logits
+        index = self._to_device([rows, entries, positions])  # [3, n] long
+        if len(rows) == num_rows and rows == list(range(num_rows)):
+            values = entropy_from_logits(logits)  # [rows] float32
+        else:
+            values = entropy_from_logits(logits.index_select(0, index[0]))
+        self.store.buf.index_put_((index[1], index[2]), values)
+        return logits
+
+    def _to_device(self, lists: list[list[int]]) -> torch.Tensor:
+        host = torch.tensor(lists, dtype=torch.long, pin_memory=self.pin)
+        return host.to(self.device, non_blocking=True)

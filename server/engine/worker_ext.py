@@ -1,0 +1,30 @@
+"""Methods mixed into vLLM's worker (`worker_extension_cls`), called with `collective_rpc`.
+
+They run in the worker process, where the entropy processor and its store live.
+"""
+
+from __future__ import annotations
+
+from server.engine.entropy import current_store
+
+
+class StepzipWorkerExtension:
+    def stepzip_fetch_entropies(
+        self, requests: list[tuple[str, int]]
+    ) -> dict[str, list[float] | None]:
+        """First n entropies for each (key, n), one host copy for the whole batch."""
+        store = current_store()
+        if store is None:
+            return {key: None for key, _ in requests}
+        return store.fetch(requests)
+
+    def stepzip_release_entropies(self, keys: list[str]) -> int:
+        """Free the entries of requests whose entropies nobody will fetch (aborted)."""
+        store = current_store()
+        if store is not None:
+            store.release(keys)
+        return len(keys)
+
+    def stepzip_processor_kind(self) -> str | None:
+        store = current_store()
+        return None if store is None else str(store.device)

@@ -1,0 +1,175 @@
+"""Request/response models of the stepzip API: the one schema, used by server and clients.
+
+Units: entropies are in nats, of the model's full next-token distribution after
+bias/penalties and before temperature/top-k/top-p (i.e. at temperature 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Strategy = Literal["low", "high", "random", "token", "adaptive"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(_Strict):
+    text: str = Field(min_length=1, max_length=100_000, description="The problem statement.")
+    id: str | None = Field(None, max_length=200)
+    answer: str | None = Field(None, max_length=10_000, description="Gold answer, for grading.")
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class Sampling(_Strict):
+    max_tokens: int = Field(256, ge=1, description="Reasoning tokens to generate at most.")
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, description="Traces per problem (each its own request).")
+    stop: list[str] | None = Field(None, max_length=16,
+                                   description="Stop strings; entropies cover every returned "
+                                               "token, the stop string's own tokens included.")
+
+
+class VariantSpec(_Strict):
+    strategy: Strategy = "low"
+    ratio: float | None = Field(0.8, description="kappa: fraction of steps to prune, in [0, 1].")
+    seed: int = Field(0, ge=0, description="For strategy=random.")
+    threshold: float | None = Field(None, description="adaptive: prune steps with entropy < this.")
+    mass: float | None = Field(None, description="adaptive: prune up to this entropy fraction.")
+
+    @model_validator(mode="after")
+    def _check(self) -> VariantSpec:
+        if self.strategy == "adaptive":
+            if (self.threshold is None) == (self.mass is None):
+                raise ValueError("adaptive needs exactly one of threshold or mass")
+            if self.mass is not None and not (0.0 <= self.mass <= 1.0):
+                raise ValueError("mass must be in [0, 1]")
+        else:
+            if self.ratio is None or math.isnan(self.ratio) or not (0.0 <= self.ratio <= 1.0):
+                raise ValueError(f"ratio must be in [0, 1] for strategy {self.strategy!r}")
+        return self
+
+
+class CompressRequest(_Strict):
+    problems: list[Problem] = Field(min_length=1)
+    sampling: Sampling = Field(default_factory=Sampling)
+    variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec()], min_length=1,
+                                        max_length=32)
+    answer: bool = Field(True, description="Answer from each compressed variant.")
+    answer_max_tokens: int = Field(64, ge=1)
+    delimiter: str | None = Field(None, min_length=1, max_length=16,
+                                  description="Step delimiter; default is the server's.")
+    marker: str = Field("[SKIP]", min_length=1, max_length=64)
+    merge_runs: bool = False
+    prompt_template: str | None = Field(
+        None, description="User message template with a {problem} field; default is the server's.")
+    system: str | None = Field(None, description="Optional system message.")
+    return_tokens: bool = Field(False, description="Include per-token ids and entropies.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_slot(cls, v: str | None) -> str | None:
+        if v is not None and "{problem}" not in v:
+            raise ValueError("must contain {problem}")
+        return v
+
+
+class StepOut(BaseModel):
+    index: int
+    text: str
+    token_start: int
+    token_end: int
+    tokens: int
+    entropy_sum: float
+    entropy_mean: float
+    entropy_max: float
+
+
+class VariantOut(BaseModel):
+    strategy: Strategy
+    ratio: float | None
+    threshold: float | None = None
+    mass: float | None = None
+    kept_steps: list[int]
+    skipped_steps: list[int]
+    compressed_text: str
+    n_steps: int
+    n_skipped: int
+    tokens_before: int
+    tokens_after: int = Field(description="Tokens of the compressed reasoning, markers included.")
+    reduction: float = Field(description="1 - tokens_after / tokens_before.")
+    answer_text: str | None = None
+    extracted_answer: str | None = None
+    correct: bool | None = None
+
+
+class TokenOut(BaseModel):
+    ids: list[int]
+    entropies: list[float]
+
+
+class TraceOut(BaseModel):
+    sample: int
+    completion: str
+    reasoning: str
+    finish_reason: str | None
+    steps: list[StepOut]
+    variants: list[VariantOut]
+    answer_text: str = Field(description="The part of the completion after the reasoning.")
+    extracted_answer: str | None
+    correct: bool | None
+    completion_tokens: int
+    reasoning_tokens: int
+    entropy_total: float
+    tokens: TokenOut | None = None
+
+
+class ProblemOut(BaseModel):
+    id: str | None
+    prompt: str
+    gold: str | None
+    traces: list[TraceOut]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    answer_tokens: int = 0
+
+
+class Timings(BaseModel):
+    generate_s: float = 0.0
+    entropy_fetch_s: float = 0.0
+    answer_s: float = 0.0
+    total_s: float = 0.0
+
+
+class CompressResponse(BaseModel):
+    model: str
+    delimiter: str
+    results: list[ProblemOut]
+    usage: Usage
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    details: list[ErrorDetail] = []

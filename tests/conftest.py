@@ -1,0 +1,24 @@
+"""Shared fixtures. The default model is converted once into the user cache (no hub access)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The prepared embedded SmolLM2-135M-Instruct folder (converted on first use, ~30 s)."""
+    from server.modelcache import find_embedded_gguf, prepare_default_model
+
+    try:
+        find_embedded_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return prepare_default_model(log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)

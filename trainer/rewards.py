@@ -1,0 +1,255 @@
+"""The GRPO reward of the step-entropy paper (Li et al., arXiv 2508.03346), as parts.
+
+Reward = correctness + skip ratio + skip count + length; every number lives in
+``RewardConfig`` and every component can be switched off, because the paper's ablation
+(correctness + skip ratio alone collapses accuracy) is worth reproducing.
+
+TRL decodes completions with ``skip_special_tokens=True``: a ``[SKIP]`` added as a special
+token vanishes from the text, so skips can be counted from the completion's token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.grading import grade
+
+COMPONENTS = ("correctness", "skip_ratio", "skip_count", "length")
+
+TokenIds = Sequence[int]
+RewardFunc = Callable[..., list[float]]
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Weights and thresholds of the reward; defaults are the paper's."""
+
+    correctness: bool = True
+    correct_reward: float = 2.0
+    skip_ratio: bool = True
+    skip_ratio_high: float = 0.8
+    skip_ratio_high_reward: float = 1.0
+    skip_ratio_mid: float = 0.5
+    skip_ratio_mid_reward: float = 0.5
+    skip_count: bool = True
+    max_skips: int = 100
+    too_many_skips_penalty: float = -2.0
+    length: bool = True
+    max_completion_tokens: int = 3500
+    too_long_penalty: float = -1.0
+    marker: str = "[SKIP]"
+    think_close: str = "</think>"
+    step_delimiter: str = "\n\n"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.skip_ratio_mid <= self.skip_ratio_high <= 1.0:
+            raise ValueError(
+                "need 0 <= skip_ratio_mid <= skip_ratio_high <= 1, got "
+                f"skip_ratio_mid={self.skip_ratio_mid}, skip_ratio_high={self.skip_ratio_high}"
+            )
+        if self.max_skips < 0:
+            raise ValueError(f"max_skips must be >= 0, got {self.max_skips}")
+        if self.max_completion_tokens < 1:
+            raise ValueError(
+                f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}"
+            )
+        for name in ("marker", "think_close", "step_delimiter"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be non-empty")
+
+    def enabled(self) -> tuple[str, ...]:
+        """Names of the switched-on components, in COMPONENTS order."""
+        return tuple(name for name in COMPONENTS if getattr(self, name))
+
+
+def count_skips(
+    text: str | None,
+    completion_ids: TokenIds | None = None,
+    skip_token_id: int | None = None,
+    marker: str = "[SKIP]",
+) -> int:
+    """Number of skip markers in a completion.
+
+    With ``skip_token_id`` and ``completion_ids`` the ids are counted too and the larger
+    count wins: ids see a special-token marker that decoding dropped, text sees a marker
+    the model spelled out in pieces; the two never see the same marker twice over.
+    """
+    in_text = text.count(marker) if text else 0
+    if skip_token_id is None or completion_ids is None:
+        return in_text
+    in_ids = sum(1 for token in completion_ids if token == skip_token_id)
+    return max(in_text, in_ids)
+
+
+def count_steps(reasoning: str, delimiter: str = "\n\n") -> int:
+    """Non-empty steps between delimiters; a step holding only a marker counts."""
+    return sum(1 for step in reasoning.split(delimiter) if step.strip())
+
+
+def skip_ratio(
+    reasoning: str, n_skips: int, delimiter: str = "\n\n", marker: str = "[SKIP]"
+) -> float:
+    """#skips / #steps including skips (0 when there are no steps).
+
+    Steps are counted with the markers removed and the skips added back, so the ratio is
+    the same whether the text kept its markers or decoding dropped them.
+    """
+    n_steps = count_steps(reasoning.replace(marker, ""), delimiter) + n_skips
+    return n_skips / n_steps if n_steps else 0.0
+
+
+def split_completion(completion: str, think_close: str = "</think>") -> tuple[str, str | None]:
+    """(reasoning, answer part); the answer part is None when reasoning never closed."""
+    reasoning, closed, answer = completion.partition(think_close)
+    return reasoning, answer if closed else None
+
+
+def correctness_reward(completion: str, gold: str | None, cfg: RewardConfig) -> float:
+    """``correct_reward`` when the answer after ``think_close`` matches the gold, else 0.
+
+    Only the text after the reasoning counts, so an answer guessed mid-reasoning and never
+    committed to earns nothing; so does a completion that never closes its reasoning.
+    """
+    _, answer = split_completion(completion, cfg.think_close)
+    if answer is None or gold is None:
+        return 0.0
+    _, correct = grade(answer, gold)
+    return cfg.correct_reward if correct else 0.0
+
+
+def skip_ratio_reward(ratio: float, cfg: RewardConfig) -> float:
+    """Tiered reward for compressing: high tier at >= skip_ratio_high, mid tier at
+    >= skip_ratio_mid, nothing below."""
+    if ratio >= cfg.skip_ratio_high:
+        return cfg.skip_ratio_high_reward
+    if ratio >= cfg.skip_ratio_mid:
+        return cfg.skip_ratio_mid_reward
+    return 0.0
+
+
+def skip_count_reward(n_skips: int, cfg: RewardConfig) -> float:
+    """Penalty for more than ``max_skips`` markers: stops the ratio being gamed by
+    emitting a flood of empty skip steps."""
+    return cfg.too_many_skips_penalty if n_skips > cfg.max_skips else 0.0
+
+
+def length_reward(n_tokens: int, cfg: RewardConfig) -> float:
+    """Penalty for completions longer than ``max_completion_tokens``."""
+    return cfg.too_long_penalty if n_tokens > cfg.max_completion_tokens else 0.0
+
+
+def reward_components(
+    completion: str,
+    gold: str | None,
+    n_tokens: int,
+    cfg: RewardConfig,
+    *,
+    completion_ids: TokenIds | None = None,
+    skip_token_id: int | None = None,
+) -> dict[str, float]:
+    """Every component's value for one completion (0.0 for a switched-off component).
+
+    Skips are counted over the whole completion; steps over the reasoning only.
+    """
+    n_skips = count_skips(completion, completion_ids, skip_token_id, cfg.marker)
+    reasoning, _ = split_completion(completion, cfg.think_close)
+    ratio = skip_ratio(reasoning, n_skips, cfg.step_delimiter, cfg.marker)
+    return {
+        "correctness": correctness_reward(completion, gold, cfg) if cfg.correctness else 0.0,
+        "skip_ratio": skip_ratio_reward(ratio, cfg) if cfg.skip_ratio else 0.0,
+        "skip_count": skip_count_reward(n_skips, cfg) if cfg.skip_count else 0.0,
+        "length": length_reward(n_tokens, cfg) if cfg.length else 0.0,
+    }
+
+
+def total_reward(components: Mapping[str, float]) -> float:
+    """The GRPO reward: the plain sum of the components."""
+    return float(sum(components.values()))
+
+
+def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
+    """Text of a TRL completion: a string, or a chat message list (its last message)."""
+    if isinstance(completion, str):
+        return completion
+    if not completion:
+        return ""
+    content = completion[-1].get("content")
+    return content if isinstance(content, str) else ""
+
+
+def skip_token_id_of(tokenizer: Any, marker: str) -> int | None:
+    """The marker's id when the tokenizer holds it as a single token, else None."""
+    if tokenizer is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return int(token_id)
+
+
+def make_trl_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[RewardFunc]:
+    """One TRL reward function per enabled component, each named after its component
+    (TRL logs rewards by ``__name__``), so GRPO sums them into the paper's reward.
+
+    Gold answers come from the dataset column ``answer``. With a ``tokenizer`` a
+    ``[SKIP]`` special token is counted from ``completion_ids``; lengths come from
+    ``completion_ids`` (or, without them, from the tokenizer).
+    """
+    skip_id = skip_token_id_of(tokenizer, cfg.marker)
+
+    def skips(text: str, ids: TokenIds | None) -> int:
+        return count_skips(text, ids, skip_id, cfg.marker)
+
+    def n_tokens(text: str, ids: TokenIds | None) -> int:
+        if ids is not None:
+            return len(ids)
+        if tokenizer is None:
+            raise ValueError("length reward needs completion_ids or a tokenizer")
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    def ratio(text: str, ids: TokenIds | None) -> float:
+        reasoning, _ = split_completion(text, cfg.think_close)
+        return skip_ratio(reasoning, skips(text, ids), cfg.step_delimiter, cfg.marker)
+
+    scorers: dict[str, Callable[[str, TokenIds | None, str | None], float]] = {
+        "correctness": lambda text, ids, gold: correctness_reward(text, gold, cfg),
+        "skip_ratio": lambda text, ids, gold: skip_ratio_reward(ratio(text, ids), cfg),
+        "skip_count": lambda text, ids, gold: skip_count_reward(skips(text, ids), cfg),
+        "length": lambda text, ids, gold: length_reward(n_tokens(text, ids), cfg),
+    }
+    return [_trl_reward_func(name, scorers[name]) for name in cfg.enabled()]
+
+
+def _trl_reward_func(
+    name: str, score: Callable[[str, TokenIds | None, str | None], float]
+) -> RewardFunc:
+    """Wrap a per-completion scorer in TRL's batch signature."""
+
+    def reward(
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[TokenIds] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        golds = _golds(kwargs, len(completions), required=name == "correctness")
+        ids = completion_ids if completion_ids is not None else [None] * len(completions)
+        return [
+            score(completion_text(c), i, g) for c, i, g in zip(completions, ids, golds, strict=True)
+        ]
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def _golds(kwargs: Mapping[str, Any], n: int, *, required: bool) -> Sequence[str | None]:
+    """The ``answer`` column, one entry per completion."""
+    if "answer" not in kwargs:
+        if required:
+            raise ValueError("correctness reward needs the dataset column 'answer'")
+        return [None] * n
+    golds = kwargs["answer"]
+    if len(golds) != n:
+        raise ValueError(f"'answer' has {len(golds)} entries for {n} completions")
+    return golds

@@ -78,14 +78,13 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "extra_engine_args":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
+        default, annotation = f.default, str(f.type)
+        if annotation.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{docs.get(f.name, '')} (default: {default})")
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("kv_cache_gib",):
-                kind = float
+            kind = int if annotation.startswith("int") else (
+                float if annotation.startswith("float") else str)
             parser.add_argument(flag, type=kind, default=None,
                                 help=f"{docs.get(f.name, '')} (default: {default!r})")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",

@@ -27,7 +27,7 @@ class ServerSettings:
     enforce_eager: bool = True
     """Skip torch.compile / CUDA graphs: CPU start-up ~25 s instead of ~115 s."""
     kv_cache_gib: float | None = None
-    """KV-cache size in GiB (CPU: default 4); None = vLLM's default on GPU."""
+    """KV-cache size in GiB (CPU: default 2); None = vLLM's default on GPU."""
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory vLLM may take (GPU only)."""
     chunked_prefill: bool | None = None

@@ -117,6 +117,7 @@ class Engine:
         self.model_name: str = settings.served_model_name or settings.model
         self.max_model_len = settings.max_model_len
         self.processor: str | None = None
+        self.seed_unsafe = False
         self.ready = False
         self.started_at: float | None = None
         self.startup_s: float | None = None
@@ -148,6 +149,9 @@ class Engine:
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(s.kv_cache_gib or 2)))
         chunked = s.chunked_prefill if s.chunked_prefill is not None else not on_cpu
+        # vLLM's CPU sampler cannot rewind a seeded request's generator after a chunked
+        # prefill step and kills the engine; routes refuse `seed` when this is set.
+        self.seed_unsafe = on_cpu and chunked
         kwargs = dict(
             model=self.model_path,
             served_model_name=[self.model_name],

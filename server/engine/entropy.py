@@ -70,6 +70,8 @@ class EntropyStore:
     def entry_for(self, key: str) -> int:
         """The entry of `key`, allocating one (and clearing it) the first time."""
         with self._lock:
+            if key in self.evicted:  # its earlier values are gone: let fetch report it
+                return self.scratch
             if (entry := self._entry_of.get(key)) is not None:
                 self._idle.pop(key, None)
                 return entry

@@ -58,21 +58,20 @@ if _HAVE_TRITON:
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         offs = tl.arange(0, BLOCK_SIZE)
-        neg_inf = float("-inf")
 
         # Per-lane online state; a lane that has seen only -inf has m = -inf, s = t = 0.
-        m = tl.full([BLOCK_SIZE], neg_inf, tl.float32)
+        m = tl.full([BLOCK_SIZE], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         t = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
 
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + offs
-            x = tl.load(row_ptr + cols, mask=cols < n_cols, other=neg_inf).to(tl.float32)
-            valid = x > neg_inf
+            x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            valid = x > float("-inf")
             # Distance to the lane's running max; forced to 0 (finite) when either side is
             # -inf: a masked element is discarded below, and a lane's first finite element
             # then gives s = 0 + exp(0) = 1, t = 0 + 1 * 0 = 0, exactly its own state.
-            d = tl.where(valid & (m > neg_inf), x - m, 0.0)
+            d = tl.where(valid & (m > float("-inf")), x - m, 0.0)
             z = tl.exp(-tl.abs(d))  # exp(d) if d <= 0, exp(-d) if d > 0; never overflows
             up = d > 0.0
             # d > 0: x is the new max; old sums rescale by z = exp(m - x) and
@@ -87,7 +86,7 @@ if _HAVE_TRITON:
         # Fold the lanes onto the row max M: a lane contributes
         # exp(m - M) * s and exp(m - M) * (t + (m - M) * s); empty lanes contribute 0.
         m_row = tl.max(m, axis=0)
-        live = m > neg_inf
+        live = m > float("-inf")
         delta = tl.where(live, m - m_row, 0.0)
         alpha = tl.where(live, tl.exp(delta), 0.0)
         s_row = tl.sum(alpha * s, axis=0)
@@ -126,9 +125,11 @@ def entropy_triton(
     grid = (rows,)
     if logits.is_cuda:
         with torch.cuda.device(logits.device):
-            _entropy_kernel[grid](logits, out, logits.stride(0), vocab,
-                                  BLOCK_SIZE=block, num_warps=warps)
+            _entropy_kernel[grid](
+                logits, out, logits.stride(0), vocab, BLOCK_SIZE=block, num_warps=warps
+            )
     else:  # Triton's CPU interpreter (TRITON_INTERPRET=1)
-        _entropy_kernel[grid](logits, out, logits.stride(0), vocab,
-                              BLOCK_SIZE=block, num_warps=warps)
+        _entropy_kernel[grid](
+            logits, out, logits.stride(0), vocab, BLOCK_SIZE=block, num_warps=warps
+        )
     return out

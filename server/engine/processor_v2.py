@@ -47,6 +47,11 @@ class EntropyProcessorV2(LogitsProcessor):
         if key is None:
             self.staged[req_idx] = self.store.scratch
             return False
+        # A key is one request: a resumed request may land in another slot, so drop the
+        # stale mapping of its old slot (that slot's later reuse must not mark it idle).
+        for slot in [s for s, k in self.slot_key.items() if k == key]:
+            del self.slot_key[slot]
+            self.staged[slot] = self.store.scratch
         self.slot_key[req_idx] = key
         self.staged[req_idx] = self.store.entry_for(key)
         return True

@@ -24,6 +24,9 @@ async def compress(req: schemas.CompressRequest, request: Request) -> schemas.Co
                          ("answer_max_tokens", req.answer_max_tokens)):
         if value >= engine.max_model_len:
             raise invalid(field, f"{value} exceeds the model length ({engine.max_model_len})")
+    if req.sampling.seed is not None and engine.seed_unsafe:
+        raise invalid("sampling.seed", "seeded sampling is unavailable on this CPU server "
+                      "because it runs with chunked prefill (restart without --chunked-prefill)")
     try:  # vLLM's own checks, before anything is submitted
         engine.sampling_params(max_tokens=req.sampling.max_tokens,
                                temperature=req.sampling.temperature, top_p=req.sampling.top_p,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
 
 import httpx
 import pytest
@@ -87,16 +89,28 @@ def test_bad_requests_get_422_naming_the_field(server):
 
 def test_many_concurrent_seeded_top_p_requests_do_not_kill_the_engine(server, client):
     """Regression: vLLM's CPU sampler rewinds a seeded request's torch.Generator by
-    offset when its prefill is chunked, which CPU generators cannot do -> EngineDeadError.
-    The server turns chunked prefill off on the CPU; 40 seeded top-p requests with long
-    prompts (which would be chunked otherwise) must all succeed and the engine live on."""
-    long_problem = "Numbers: " + " ".join(str(i) for i in range(150)) + ". Sum the first two."
-    r = httpx.post(server.url + "/v1/compress", json={
-        "problems": [{"text": f"{long_problem} ({i})"} for i in range(8)],
-        "sampling": {"max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7, "n": 5},
-        "answer": False}, timeout=600)
-    assert r.status_code == 200, r.text
-    assert sum(len(p["traces"]) for p in r.json()["results"]) == 40
+    offset when its prefill is chunked, which CPU generators cannot do -> EngineDeadError
+    ("CPU Generator does not use offset"), whatever the logits processors. The server
+    turns chunked prefill off on the CPU. 40 distinct long seeded top-p prompts at once
+    (~23k prompt tokens, far over a chunked-prefill step budget) must all succeed."""
+
+    def problems(batch: int) -> list[dict]:
+        out = []
+        for i in range(8):
+            rng = random.Random(batch * 100 + i)
+            numbers = " ".join(str(rng.randint(0, 999)) for _ in range(150))
+            out.append({"text": f"List {batch}-{i}: {numbers}. Sum the first two."})
+        return out
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+            return await asyncio.gather(*(http.post("/v1/compress", json={
+                "problems": problems(b), "answer": False,
+                "sampling": {"max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "seed": 7}})
+                for b in range(5)))
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 5, responses[0].text
     assert client.health()["status"] == "ok"
 
 

@@ -191,10 +191,19 @@ print("RESULT " + json.dumps(out))
 """
 
 INTERPRETED_CASES = [
-    "vocab49152_fp32", "vocab49152_bf16", "vocab49152_fp16",
-    "vs_torch_fp32", "vs_torch_bf16", "vs_torch_fp16",
-    "tail_block256", "ramp_block128", "row_stride_view", "transposed",
-    "uniform_vocab7", "one_hot_1e4", "zero_rows",
+    "vocab49152_fp32",
+    "vocab49152_bf16",
+    "vocab49152_fp16",
+    "vs_torch_fp32",
+    "vs_torch_bf16",
+    "vs_torch_fp16",
+    "tail_block256",
+    "ramp_block128",
+    "row_stride_view",
+    "transposed",
+    "uniform_vocab7",
+    "one_hot_1e4",
+    "zero_rows",
 ]
 
 
@@ -207,11 +216,16 @@ def interpreted_results() -> dict[str, float]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", _INTERPRETED_CASES, str(here)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.mark.parametrize("case", INTERPRETED_CASES)
@@ -315,8 +329,7 @@ def test_fetch_several_keys_returns_each_its_first_n_and_releases():
     for key, values in keys.items():
         write(store, store.entry_for(key), values)
     out = store.fetch([("a", 2), ("b", 1), ("c", 6), ("d", 3)])
-    assert out == {"a": [1.0, 2.0], "b": [9.0], "c": [7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
-                   "d": None}
+    assert out == {"a": [1.0, 2.0], "b": [9.0], "c": [7.0, 8.0, 9.0, 10.0, 11.0, 12.0], "d": None}
     assert store.fetch([("a", 2)]) == {"a": None}  # released by the first fetch
     e = store.entry_for("e")
     write(store, e, list(map(float, range(8))))

@@ -181,8 +181,9 @@ class V1Batch:
 
 
 def make_v1(max_num_seqs: int = 4, max_model_len: int = 64, seed: int = 0) -> V1Batch:
-    proc = EntropyProcessorV1(fake_vllm_config(max_num_seqs, max_model_len),
-                              torch.device("cpu"), False)
+    proc = EntropyProcessorV1(
+        fake_vllm_config(max_num_seqs, max_model_len), torch.device("cpu"), False
+    )
     return V1Batch(proc, seed)
 
 
@@ -339,8 +340,13 @@ def test_v1_random_batch_dynamics(seed):
 class V2Runner:
     """Mirror of Model Runner V2's request-slot table and sampler calls."""
 
-    def __init__(self, max_num_reqs: int = 4, max_model_len: int = 64, seed: int = 0,
-                 pos_dtype: torch.dtype = torch.int64):
+    def __init__(
+        self,
+        max_num_reqs: int = 4,
+        max_model_len: int = 64,
+        seed: int = 0,
+        pos_dtype: torch.dtype = torch.int64,
+    ):
         self.max_num_reqs = max_num_reqs
         self.prompt_len_np = np.zeros(max_num_reqs, dtype=np.int32)
         self.prefill_len_np = np.zeros(max_num_reqs, dtype=np.int32)
@@ -348,12 +354,17 @@ class V2Runner:
         self.prompt_len = SimpleNamespace(gpu=torch.from_numpy(self.prompt_len_np.copy()))
         self.prefill_len = SimpleNamespace(gpu=torch.from_numpy(self.prefill_len_np.copy()))
         self.req_states = LogitsProcRequestState(
-            device=torch.device("cpu"), max_num_reqs=max_num_reqs, vocab_size=VOCAB,
-            all_token_ids=None, prompt_len=self.prompt_len, prefill_len=self.prefill_len,
+            device=torch.device("cpu"),
+            max_num_reqs=max_num_reqs,
+            vocab_size=VOCAB,
+            all_token_ids=None,
+            prompt_len=self.prompt_len,
+            prefill_len=self.prefill_len,
             total_len=None,
         )
-        self.proc = EntropyProcessorV2(fake_vllm_config(max_num_reqs, max_model_len),
-                                       self.req_states)
+        self.proc = EntropyProcessorV2(
+            fake_vllm_config(max_num_reqs, max_model_len), self.req_states
+        )
         self.free = list(range(max_num_reqs))  # RequestState.free_indices
         self.needs = np.zeros(max_num_reqs, dtype=bool)  # Sampler.needs_logits_processing
         self.oracle = Oracle()
@@ -388,8 +399,12 @@ class V2Runner:
             self.free.append(req.slot)
             req.slot = None
 
-    def step(self, scheduled: list[tuple[Req, int]], pad_slots: tuple[int, ...] = (),
-             shuffle: bool = True) -> None:
+    def step(
+        self,
+        scheduled: list[tuple[Req, int]],
+        pad_slots: tuple[int, ...] = (),
+        shuffle: bool = True,
+    ) -> None:
         """One step: each (request, tokens) gets the logits row of its last scheduled token;
         rows come in a shuffled order; `pad_slots` adds rows for slots nobody tracks."""
         rows = [(req, n) for req, n in scheduled] + [(None, slot) for slot in pad_slots]
@@ -451,9 +466,15 @@ def test_v2_interface_basics():
         EntropyProcessorV2.validate_params(SamplingParams(extra_args={EXTRA_ARGS_KEY: 1.5}))
     logits = torch.randn(2, VOCAB)
     idx = torch.tensor([0, 1])
-    ctx = LogitsContext(idx, idx, idx.numpy(), torch.zeros(2, dtype=torch.int32),
-                        torch.zeros(2, dtype=torch.int32), torch.tensor([3, 4]),
-                        np.array([4, 5]))
+    ctx = LogitsContext(
+        idx,
+        idx,
+        idx.numpy(),
+        torch.zeros(2, dtype=torch.int32),
+        torch.zeros(2, dtype=torch.int32),
+        torch.tensor([3, 4]),
+        np.array([4, 5]),
+    )
     assert run.proc.apply(logits, ctx) is logits  # no keyed request ever: untouched
 
 
@@ -578,8 +599,7 @@ def test_v2_random_schedule(seed):
     """Random arrivals, chunked prefills, finishes and preemptions for 40 steps."""
     rng = random.Random(seed)
     run = V2Runner(max_num_reqs=5, seed=seed)
-    waiting = [Req(f"R{i}", None if i % 4 == 3 else f"k{i}", rng.randint(1, 12))
-               for i in range(16)]
+    waiting = [Req(f"R{i}", None if i % 4 == 3 else f"k{i}", rng.randint(1, 12)) for i in range(16)]
     running: list[Req] = []
     preempted: list[Req] = []
     done: list[Req] = []
@@ -608,10 +628,6 @@ def test_v2_random_schedule(seed):
     run.check_fetch(keyed)
 
 
-@pytest.mark.xfail(reason="processor_v2 bug: a key resumed in a new slot is marked idle when "
-                          "its OLD slot is recycled, so it can be evicted while still live "
-                          "(see the report); remove this marker once processor_v2 is fixed",
-                   strict=False)
 def test_v2_key_resumed_in_another_slot_survives_reuse_of_its_old_slot():
     run = V2Runner(max_num_reqs=3)
     a, b = Req("A", "a", 3), Req("B", None, 3)

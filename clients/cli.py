@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=cmd_compress)
 
     from clients import bench
+    from trainer import cli as train_cli
 
     bench.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 

@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse
 from server.engine.engine import Engine, EntropyUnavailable
 from server.errors import ApiError, api_error_handler, validation_error_handler
 from server.metrics import Metrics
-from server.routes import compress, health
+from server.routes import compress, health, openai, weights
 from server.routes.deps import check_api_key
 from server.settings import ServerSettings
+from server.weightgate import HeldUpdate, WeightGate
 
 log = logging.getLogger("stepzip.app")
 
@@ -47,7 +48,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.metrics = Metrics()
     app.state.compressor = None
     app.state.startup_error = None
-    app.state.weight_version = "initial"
+    app.state.weight_version = "v0"
+    app.state.weight_version_n = 0
+    app.state.gate = WeightGate()
+    app.state.gate_hold = HeldUpdate()
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(EntropyUnavailable, _entropy_unavailable)
@@ -55,6 +59,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.middleware("http")(_observe)
     app.include_router(health.router)
     app.include_router(compress.router)
+    app.include_router(openai.router)
+    app.include_router(weights.router)
     return app
 
 

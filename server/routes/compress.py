@@ -41,7 +41,8 @@ async def compress(req: schemas.CompressRequest, request: Request) -> schemas.Co
             raise invalid(f"problems.{i}.text",
                           f"prompt ({n_prompt} tokens) + max_tokens ({req.sampling.max_tokens}) "
                           f"exceeds the model length ({engine.max_model_len})")
-    response = await compressor.run(req)
+    async with request.app.state.gate.generation():
+        response = await compressor.run(req)
     metrics = request.app.state.metrics
     metrics.prompt_tokens.inc(response.usage.prompt_tokens)
     metrics.completion_tokens.inc(response.usage.completion_tokens + response.usage.answer_tokens)

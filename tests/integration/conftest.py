@@ -6,6 +6,8 @@ bf16 (it decides `--dtype auto`).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from clients.client import StepzipClient
@@ -15,10 +17,18 @@ MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="session")
-def server(default_model_dir):
+def weights_root(tmp_path_factory):
+    """Checkpoints the shared server may load (besides the default model's own folder)."""
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="session")
+def server(default_model_dir, weights_root):
+    roots = os.pathsep.join([str(weights_root), str(default_model_dir)])
     argv = ["serve", "--model", str(default_model_dir), "--served-model-name", "smollm2",
             "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-            "--max-num-seqs", "64", "--max-problems", "8", "--step-delimiter", "\\n"]
+            "--max-num-seqs", "64", "--max-problems", "8", "--step-delimiter", "\\n",
+            "--enable-weight-routes", "--weights-root", roots]
     with ServerProcess(argv, timeout=600) as proc:
         yield proc
 

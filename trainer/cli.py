@@ -119,7 +119,9 @@ def run_pipeline(run_dir: Path, *, model: str = "default", tiny: bool = False,
         return cls(**values)
 
     t = time.perf_counter()
-    with ServerProcess(serve_argv(base, dtype=server_dtype, max_model_len=max_model_len,
+    # `serve --model default` also picks the default model's single-newline delimiter.
+    served = "default" if model in ("default", "", None) else base
+    with ServerProcess(serve_argv(served, dtype=server_dtype, max_model_len=max_model_len,
                                   weights_root=None, extra=server_args),
                        log_path=run_dir / "server-build-sft.log") as server:
         seconds["server_start_build_sft"] = server.startup_s or 0.0

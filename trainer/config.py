@@ -200,11 +200,11 @@ TINY: dict[type, dict[str, Any]] = {
     BuildSftConfig: dict(limit=4, batch_size=4, concurrency=1, max_tokens=64, keep="all",
                          answer_max_tokens=16, progress=False),
     SftRunConfig: dict(max_steps=3, batch_size=2, grad_accum=1, max_length=384,
-                       learning_rate=1e-5, logging_steps=1, dtype="float32"),
+                       learning_rate=1e-4, logging_steps=1, dtype="float32"),
     GrpoRunConfig: dict(limit=4, num_generations=4, prompts_per_step=2, grad_accum=1,
                         max_completion_length=32, max_steps=2, save_steps=1,
                         save_total_limit=1, learning_rate=1e-6, dtype="float32",
-                        max_completion_tokens=24, keep_syncs=1, request_prompts=2,
+                        max_completion_tokens=30, keep_syncs=1, request_prompts=2,
                         concurrency=1),
 }
 

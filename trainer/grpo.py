@@ -390,7 +390,7 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run_dir: Path, times: StepTimes, plot: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
         self.times, self.plot = times, plot
-        self.started = time.perf_counter()
+        self._logged_at: float | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "train_runtime" in logs:
@@ -402,9 +402,20 @@ class MetricsCallback(TrainerCallback):
             snap["update_s"] = max(0.0, snap["step_s"] - snap["rollout_s"])
         record["timing"] = snap
         record["weight_version"] = snap.get("version_after")
+        self._append(record)
+        self.times.reset()
+        self._logged_at = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        # TRL saves right after logging the step: the gap is the checkpoint's cost.
+        if self._logged_at is not None:
+            self._append({"step": state.global_step,
+                          "checkpoint_s": time.perf_counter() - self._logged_at})
+            self._logged_at = None
+
+    def _append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        self.times.reset()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.plot and self.path.exists():
@@ -433,12 +444,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, the last record of each step (a resumed run may repeat steps)."""
+    """metrics.jsonl as one record per step: a step's lines merged in order, so a
+    repeated step (a run resumed from an earlier checkpoint) keeps its latest values."""
     by_step: dict[int, dict] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -447,8 +459,9 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    records = read_metrics(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if "timing" in r]
     steps = [r["step"] for r in records]
     keys = sorted({k for r in records for k in r if k.startswith("rewards/")
                    and k.endswith("/mean")})
@@ -469,6 +482,8 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     ax2.set_title("skip ratio / accuracy")
     ax2.set_ylim(-0.05, 1.05)
     ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -530,7 +545,6 @@ def grpo_args(cfg: GrpoRunConfig, dtype: Any, cpu: bool) -> Any:
         seed=cfg.seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        model_init_kwargs={"dtype": dtype},
     )
     if cfg.loss_type:
         kw["loss_type"] = cfg.loss_type
@@ -665,8 +679,8 @@ def run_grpo(cfg: GrpoRunConfig, *, problems: Sequence[Any] | None = None,
     split = summary["time_split"]
     log(f"grpo: steps {first_step} -> {trainer.state.global_step} in {train_s:.1f} s "
         f"(rollouts {split['rollout_s']:.1f} s, update {split['update_s']:.1f} s, weight sync "
-        f"{split['sync_s']:.1f} s); server weights {version_start} -> "
-        f"{summary['weight_version_end']}; metrics {run_dir / METRICS_FILE}")
+        f"{split['sync_s']:.1f} s, checkpoints {split['checkpoint_s']:.1f} s); server weights "
+        f"{version_start} -> {summary['weight_version_end']}; metrics {run_dir / METRICS_FILE}")
     return summary
 
 
@@ -674,9 +688,9 @@ def time_split(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Seconds spent on rollouts, on the rest of each step (scoring, logprobs, backward,
     optimizer: "update") and on weight syncs, summed over the records."""
     total = {"rollout_s": 0.0, "update_s": 0.0, "sync_s": 0.0, "step_s": 0.0,
-             "sync_save_s": 0.0, "sync_load_s": 0.0}
+             "sync_save_s": 0.0, "sync_load_s": 0.0, "checkpoint_s": 0.0}
     for r in records:
-        t = r.get("timing") or {}
+        t = {**(r.get("timing") or {}), "checkpoint_s": r.get("checkpoint_s")}
         for key in total:
             value = t.get(key)
             if isinstance(value, (int, float)):

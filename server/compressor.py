@@ -101,7 +101,7 @@ class Compressor:
         n_reasoning = sum(s.n_tokens for s in steps)
         out = schemas.TraceOut(
             sample=sample, completion=text, reasoning=reasoning, finish_reason=g.finish_reason,
-            steps=[_step_out(s) for s in steps],
+            steps=[schemas.StepOut.from_step(s) for s in steps],
             variants=[self._variant_out(c, v, n_reasoning) for c, v in variants],
             answer_text=answer_text, extracted_answer=None, correct=None,
             completion_tokens=len(g.token_ids), reasoning_tokens=n_reasoning,
@@ -140,10 +140,3 @@ class Compressor:
             out.answer_text = g.text
             out.extracted_answer, out.correct = grading.grade(answer, gold)
             usage.answer_tokens += len(g.token_ids)
-
-
-def _step_out(s: Step) -> schemas.StepOut:
-    return schemas.StepOut(index=s.index, text=s.text, token_start=s.token_start,
-                           token_end=s.token_end, tokens=s.n_tokens,
-                           entropy_sum=s.entropy_sum, entropy_mean=s.entropy_mean,
-                           entropy_max=s.entropy_max)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from server.engine.engine import Engine, Generation
 from server.errors import invalid
+from server.schemas import StepOut
 from server.schemas_openai import ChoiceStepzip, StepzipOptions, _SamplingFields
 from server.steps import reasoning_span, segment, token_char_offsets
 from server.tokens import token_pieces
@@ -118,9 +119,7 @@ def stepzip_fields(engine: Engine, opts: StepzipOptions | None, g: Generation,
                         span=(start, end))
         out.n_steps = len(steps)
         if opts.steps:
-            from server.compressor import _step_out
-
-            out.steps = [_step_out(s) for s in steps]
+            out.steps = [StepOut.from_step(s) for s in steps]
     return out
 
 

@@ -97,6 +97,13 @@ class StepOut(BaseModel):
     entropy_mean: float
     entropy_max: float
 
+    @classmethod
+    def from_step(cls, s) -> StepOut:
+        """From a `server.steps.Step`."""
+        return cls(index=s.index, text=s.text, token_start=s.token_start,
+                   token_end=s.token_end, tokens=s.n_tokens, entropy_sum=s.entropy_sum,
+                   entropy_mean=s.entropy_mean, entropy_max=s.entropy_max)
+
 
 class VariantOut(BaseModel):
     strategy: Strategy

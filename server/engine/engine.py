@@ -221,8 +221,13 @@ class Engine:
 
     async def generate(self, prompt: str | list[int], params, *, entropy: bool = True,
                        request_id: str | None = None) -> Generation:
+        from vllm.sampling_params import RequestOutputKind
+
         request_id = request_id or f"sz-{uuid.uuid4().hex}"
         started = time.perf_counter()
+        # Only the final output is wanted: vLLM then skips per-step output objects (as its
+        # own server does for non-streaming requests).
+        params.output_kind = RequestOutputKind.FINAL_ONLY
         final = None
         async for out in self.stream(prompt, params, entropy=entropy, request_id=request_id):
             final = out

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from server import schemas
 from server.errors import invalid
-from server.routes.deps import ready_engine
+from server.routes.deps import ready_engine, unless_disconnected
 
 router = APIRouter(tags=["compress"])
 
@@ -42,7 +42,7 @@ async def compress(req: schemas.CompressRequest, request: Request) -> schemas.Co
                           f"prompt ({n_prompt} tokens) + max_tokens ({req.sampling.max_tokens}) "
                           f"exceeds the model length ({engine.max_model_len})")
     async with request.app.state.gate.generation():
-        response = await compressor.run(req)
+        response = await unless_disconnected(request, compressor.run(req))
     metrics = request.app.state.metrics
     metrics.prompt_tokens.inc(response.usage.prompt_tokens)
     metrics.completion_tokens.inc(response.usage.completion_tokens + response.usage.answer_tokens)

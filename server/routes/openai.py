@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from server import generation as gen
 from server.errors import ApiError, invalid
-from server.routes.deps import ready_engine
+from server.routes.deps import ready_engine, unless_disconnected
 from server.schemas_openai import (
     ChatChoice,
     ChatCompletionRequest,
@@ -54,7 +54,7 @@ async def completions(req: CompletionRequest, request: Request):
     if req.stream:
         return StreamingResponse(_stream_completions(request, req, jobs, delimiter),
                                  media_type="text/event-stream")
-    results = await gen.run_jobs(engine, state.gate, jobs)
+    results = await unless_disconnected(request, gen.run_jobs(engine, state.gate, jobs))
     choices = []
     for job, g in zip(jobs, results):
         choices.append(CompletionChoice(
@@ -100,7 +100,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.stream:
         return StreamingResponse(_stream_chat(request, req, jobs, delimiter),
                                  media_type="text/event-stream")
-    results = await gen.run_jobs(engine, state.gate, jobs)
+    results = await unless_disconnected(request, gen.run_jobs(engine, state.gate, jobs))
     choices = [ChatChoice(
         index=job.index, message=ChatMessageOut(content=g.text),
         finish_reason=g.finish_reason, stop_reason=g.stop_reason,

@@ -97,10 +97,16 @@ async def get_world_size(request: Request):
 
 
 @router.get("/server_info")
-async def server_info(request: Request):
-    engine = _enabled(request)
-    config = engine.llm.vllm_config
-    return {"vllm_config": _jsonable(config), "weight_version": request.app.state.weight_version}
+async def server_info(request: Request, config_format: str = "json"):
+    """vLLM's dev route shape: TRL reads nested keys (weight_transfer_config,
+    model_config.logprobs_mode, parallel_config.data_parallel_size, lora_config)."""
+    import pydantic
+    from vllm.config import VllmConfig
+
+    config = _enabled(request).llm.vllm_config
+    dumped = (str(config) if config_format == "text" else pydantic.TypeAdapter(VllmConfig)
+              .dump_python(config, mode="json", fallback=str))
+    return {"vllm_config": dumped, "weight_version": request.app.state.weight_version}
 
 
 @router.post("/init_weight_transfer_engine")
@@ -159,17 +165,3 @@ async def _forward(method, body: dict, key: str, request_cls: str):
     except (TypeError, ValueError) as exc:
         raise invalid(key, str(exc)) from exc
     return {}
-
-
-def _jsonable(value):
-    import dataclasses
-    import json
-
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    try:
-        return json.loads(json.dumps(value, default=str))
-    except (TypeError, ValueError):
-        return str(value)

@@ -211,3 +211,16 @@ def test_generation_during_reload_waits_and_never_fails(server, default_model_di
 
     responses = asyncio.run(run())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+
+
+def test_trl_weight_sync_surface_answers(server):
+    """The routes TRL's NCCL sync reads before it moves weights (the transfer itself needs
+    CUDA and is not exercised on the CPU)."""
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=server.url)
+    assert client.get_world_size() == 1
+    info = client.get_server_info()
+    assert "logprobs_mode" in info["model_config"]
+    assert info["parallel_config"]["data_parallel_size"] == 1
+    assert httpx.post(server.url + "/reset_prefix_cache", timeout=60).status_code == 200

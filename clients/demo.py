@@ -16,6 +16,8 @@ from server.data import load_problems
 def run_demo(*, model: str = "default", n_problems: int = 3, max_tokens: int = 192,
              port: int = 0, url: str | None = None, json_path: Path | None = None) -> int:
     console = Console()
+    if not console.is_terminal:  # logs and CI: don't fold the table into 80 columns
+        console = Console(width=140)
     problems = load_problems("gsm8k", "test", limit=n_problems)
     with contextlib.ExitStack() as stack:
         if url is None:

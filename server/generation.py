@@ -57,7 +57,10 @@ def sampling_kwargs(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
         logprobs=logprobs,
     )
     if req.logit_bias:
-        kw["logit_bias"] = req.logit_bias
+        try:  # JSON object keys are strings; vLLM wants token ids
+            kw["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError as exc:
+            raise invalid("logit_bias", "keys must be token ids") from exc
     return kw
 
 

@@ -192,7 +192,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def sidecar(output: Path, suffix: str) -> Path:
-    stem = output.name[:-len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    stem = output.name.removesuffix(".jsonl")
     return output.with_name(f"{stem}.{suffix}")
 
 
@@ -318,7 +318,7 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
                     batch = pending.pop(future)
                     try:
                         finish(batch, future.result())
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                         # Nothing of this batch was written: a rerun asks again.
                         stats.failed_batches += 1
                         log(f"batch of {len(batch)} failed: {type(exc).__name__}: {exc}")

@@ -86,6 +86,11 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+# TRL sets VLLM_LOGGING_LEVEL=ERROR in the importing process; servers started from here
+# would inherit it and log nothing useful.
+SERVER_ENV = {"VLLM_LOGGING_LEVEL": "INFO"}
+
+
 def serve_argv(model: str, *, dtype: str, max_model_len: int, weights_root: Path | None,
                delimiter: str | None = None, extra: list[str] | None = None) -> list[str]:
     argv = ["serve", "--model", model, "--dtype", dtype, "--max-model-len", str(max_model_len)]
@@ -123,7 +128,7 @@ def run_pipeline(run_dir: Path, *, model: str = "default", tiny: bool = False,
     served = "default" if model in ("default", "", None) else base
     with ServerProcess(serve_argv(served, dtype=server_dtype, max_model_len=max_model_len,
                                   weights_root=None, extra=server_args),
-                       log_path=run_dir / "server-build-sft.log") as server:
+                       env=SERVER_ENV, log_path=run_dir / "server-build-sft.log") as server:
         seconds["server_start_build_sft"] = server.startup_s or 0.0
         t1 = time.perf_counter()
         build_sft(cfg(BuildSftConfig, url=server.url, output=str(run_dir / "sft.jsonl"),
@@ -142,7 +147,7 @@ def run_pipeline(run_dir: Path, *, model: str = "default", tiny: bool = False,
     with ServerProcess(serve_argv(str(run_dir / "sft"), dtype=server_dtype,
                                   max_model_len=max_model_len, weights_root=grpo_dir,
                                   delimiter=sft.get("delimiter"), extra=server_args),
-                       log_path=run_dir / "server-grpo.log") as server:
+                       env=SERVER_ENV, log_path=run_dir / "server-grpo.log") as server:
         seconds["server_start_grpo"] = server.startup_s or 0.0
         t1 = time.perf_counter()
         grpo = run_grpo(cfg(GrpoRunConfig, model=str(run_dir / "sft"), url=server.url,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from trainer.rewards import RewardConfig
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -139,7 +139,8 @@ class GrpoRunConfig:
     sync_weights: bool = _f(True, "push the policy to the server after every optimizer step")
     sync_dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "dtype of the pushed weights; auto: the training dtype (bf16 would round "
-        "away small updates of an fp32 policy)")
+        "away small updates of an fp32 policy; for the same reason serve it with --dtype "
+        "float32 when training in fp32)")
     keep_syncs: int = _f(2, "weight-sync folders kept in <output-dir>/sync")
     sync_checksum: bool = _f(True, "ask the server for a checksum of what it loaded")
     request_prompts: int = _f(8, "prompts per /v1/completions request")
@@ -197,15 +198,15 @@ class GrpoRunConfig:
 
 # The configuration that runs on a 2-core CPU in minutes (see the module docstring).
 TINY: dict[type, dict[str, Any]] = {
-    BuildSftConfig: dict(limit=4, batch_size=4, concurrency=1, max_tokens=64, keep="all",
-                         answer_max_tokens=16, progress=False),
-    SftRunConfig: dict(max_steps=3, batch_size=2, grad_accum=1, max_length=384,
-                       learning_rate=1e-4, logging_steps=1, dtype="float32"),
-    GrpoRunConfig: dict(limit=4, num_generations=4, prompts_per_step=2, grad_accum=1,
-                        max_completion_length=32, max_steps=2, save_steps=1,
-                        save_total_limit=1, learning_rate=1e-6, dtype="float32",
-                        max_completion_tokens=30, keep_syncs=1, request_prompts=2,
-                        concurrency=1),
+    BuildSftConfig: {"limit": 4, "batch_size": 4, "concurrency": 1, "max_tokens": 64,
+                     "keep": "all", "answer_max_tokens": 16, "progress": False},
+    SftRunConfig: {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 384,
+                   "learning_rate": 1e-4, "logging_steps": 1, "dtype": "float32"},
+    GrpoRunConfig: {"limit": 4, "num_generations": 4, "prompts_per_step": 1, "grad_accum": 1,
+                    "max_completion_length": 32, "max_steps": 2, "save_steps": 1,
+                    "save_total_limit": 1, "learning_rate": 1e-6, "dtype": "float32",
+                    "max_completion_tokens": 30, "keep_syncs": 1, "request_prompts": 2,
+                    "concurrency": 1},
 }
 
 

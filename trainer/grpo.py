@@ -421,14 +421,14 @@ class MetricsCallback(TrainerCallback):
         if self.plot and self.path.exists():
             try:
                 plot_metrics(self.path, self.path.with_name(PLOT_FILE))
-            except Exception as exc:  # a plot must never fail a run
+            except Exception as exc:  # noqa: BLE001 - a plot must never fail a run
                 print(f"grpo: plot failed: {type(exc).__name__}: {exc}")
 
 
 def _safe(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a probe for the logs only
         return None
 
 
@@ -516,7 +516,7 @@ def grpo_args(cfg: GrpoRunConfig, dtype: Any, cpu: bool) -> Any:
     if per_step % cfg.grad_accum:
         raise ValueError(f"prompts_per_step x num_generations ({per_step}) must be divisible "
                          f"by grad_accum ({cfg.grad_accum})")
-    kw: dict[str, Any] = dict(
+    kw: dict[str, Any] = dict(  # noqa: C408 - GRPOConfig keywords read best as such
         output_dir=str(cfg.output_dir),
         num_generations=cfg.num_generations,
         per_device_train_batch_size=per_step // cfg.grad_accum,
@@ -558,7 +558,6 @@ def grpo_args(cfg: GrpoRunConfig, dtype: Any, cpu: bool) -> Any:
 def run_grpo(cfg: GrpoRunConfig, *, problems: Sequence[Any] | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train; returns a summary (also written to <output-dir>/grpo_summary.json)."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer

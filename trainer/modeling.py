@@ -71,11 +71,7 @@ def add_skip_token(tokenizer: Any, model: Any, marker: str, *, special: bool = F
     else:
         token = AddedToken(marker, special=special, normalized=False, single_word=False,
                            lstrip=False, rstrip=False)
-        if special:
-            tokenizer.add_special_tokens({"additional_special_tokens": [token]},
-                                         replace_additional_special_tokens=False)
-        else:
-            tokenizer.add_tokens([token])
+        tokenizer.add_tokens([token], special_tokens=special)
         token_id = tokenizer.convert_tokens_to_ids(marker)
     embeddings = model.get_input_embeddings()
     if embeddings.weight.shape[0] <= token_id or pad_to_multiple_of:
@@ -116,7 +112,7 @@ def policy_state_dict(model: Any) -> tuple[Any, dict[str, Any]]:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is in the train extra
-        PeftModel = ()  # type: ignore[assignment]  # noqa: N806
+        PeftModel = ()  # type: ignore[assignment]
     if isinstance(model, PeftModel):
         model.merge_adapter()
         base = model.get_base_model()

@@ -9,7 +9,8 @@
 * Prompt-completion rows: TRL masks the prompt, so the loss is on the completion only
   (``completion_only_loss=True``) and appends EOS to each completion.
 * Optional LoRA (``--lora``); the adapter is merged before saving, and the marker's
-  embedding row is trained through peft's ``trainable_token_indices``.
+  embedding row is trained too (through a gradient mask: peft's
+  ``trainable_token_indices`` wraps the tied head, which TRL's fused LM head bypasses).
 * The output folder is servable: config + safetensors + tokenizer + chat template, and
   ``stepzip_train.json`` (marker, its id, delimiter, think tag) for the GRPO stage.
 """
@@ -127,9 +128,14 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
             t.strip() for t in cfg.lora_target.split(",") if t.strip()]
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                 trainable_token_indices=[skip_id], task_type="CAUSAL_LM")
+                                 task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, peft_config=peft_config)
+    if cfg.lora:
+        # The new marker's row must learn too. peft's trainable_token_indices wraps the
+        # (tied) head, which TRL's fused LM head reads around; train the row through a
+        # gradient mask on the embedding instead.
+        train_token_rows(trainer.model, [skip_id])
     resume = cfg.resume
     if resume == "latest":
         resume = True
@@ -176,3 +182,16 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
         f"{losses[-1] if losses else float('nan'):.3f}; train {train_s:.1f} s, save "
         f"{save_s:.1f} s; model in {output_dir}")
     return summary
+
+
+def train_token_rows(model: Any, rows: list[int]) -> None:
+    """Make only `rows` of the (possibly tied) input embedding trainable: the whole
+    matrix gets requires_grad and a hook zeroes every other row's gradient, so Adam
+    (zero moments) and a zero weight decay leave the other rows exactly as they were."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(True)
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[rows] = 1.0
+    weight.register_hook(lambda grad: grad * mask)

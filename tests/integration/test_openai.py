@@ -140,7 +140,8 @@ def test_openai_routes_reject_bad_input_with_422(server):
              ({"prompt": "hi", "temperature": -1}, "temperature"),
              ({"prompt": "hi", "echo": True}, "echo"),
              ({"prompt": "hi", "bogus_field": 1}, "bogus_field"),
-             ({"prompt": [[]], "max_tokens": 4}, "prompt")]
+             ({"prompt": [[]], "max_tokens": 4}, "prompt"),
+             ({"prompt": "hi", "max_tokens": 4, "logit_bias": {"x": 1.0}}, "logit_bias")]
     for body, field in cases:
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 422, (body, r.text)

@@ -49,6 +49,7 @@ def pairs(request, server, client, run_dir):
     """build-sft on the shared server; a rerun then finds every problem done."""
     cfg = BuildSftConfig(**{**TINY[BuildSftConfig], "url": server.url,
                             "output": str(run_dir / "sft.jsonl")})
+    SECONDS["shared_server_start"] = server.startup_s or 0.0
     t = time.perf_counter()
     stats = build_sft(cfg, client=client)
     SECONDS["build_sft"] = time.perf_counter() - t
@@ -81,7 +82,10 @@ def grpo_server(sft_dir, run_dir):
                       weights_root=grpo_root, delimiter="\n",
                       extra=["--served-model-name", "policy", "--kv-cache-gib", "1",
                              "--max-problems", "8"])
-    with ServerProcess(argv, timeout=600, log_path=run_dir / "grpo-server.log") as proc:
+    # TRL sets VLLM_LOGGING_LEVEL=ERROR in this process on import; keep the server's log
+    # useful.
+    env = {"VLLM_LOGGING_LEVEL": "INFO"}
+    with ServerProcess(argv, timeout=600, env=env, log_path=run_dir / "grpo-server.log") as proc:
         SECONDS["grpo_server_start"] = proc.startup_s or 0.0
         yield proc
 

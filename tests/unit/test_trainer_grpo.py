@@ -212,7 +212,7 @@ def tiny_policy(tmp_path, default_model_dir):
 
 def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_policy,
                                                                monkeypatch) -> None:
-    import trainer.grpo as grpo
+    from trainer import grpo
 
     folder, tok = tiny_policy
     run_dir = tmp_path / "run"
@@ -263,3 +263,25 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
     assert [r["step"] for r in read_metrics(run_dir / METRICS_FILE)] == [1, 2, 3]
     state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_grpo_lora_pushes_merged_weights(tmp_path, tiny_policy, monkeypatch) -> None:
+    from safetensors import safe_open
+
+    from trainer import grpo
+
+    folder, tok = tiny_policy
+    run_dir = tmp_path / "run"
+    fake = FakeServer(tok, run_dir)
+    monkeypatch.setattr(grpo, "ServerClient", lambda *a, **k: fake)
+    problems = [Problem(id="p0", question="What is 7?", answer="7", source="t")]
+    cfg = GrpoRunConfig(model=str(folder), url="http://fake", output_dir=str(run_dir),
+                        num_generations=2, prompts_per_step=1, max_completion_length=16,
+                        max_steps=1, save_steps=1, learning_rate=1e-2, dtype="float32",
+                        lora=True, lora_r=4, lora_alpha=8, plot=False, save_final=False)
+    grpo.run_grpo(cfg, problems=problems, log=lambda m: None)
+    assert len(fake.loads) == 1
+    with safe_open(run_dir / "sync" / "step-000001" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any("lora_" in k or k.startswith("base_model") for k in keys)
+    assert "model.layers.0.self_attn.q_proj.weight" in keys

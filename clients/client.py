@@ -90,6 +90,19 @@ class StepzipClient:
             **options)
         return self.compress_request(request)
 
+    def completions(self, body: dict) -> dict:
+        """POST /v1/completions with a raw OpenAI/vLLM-shaped body (the trainer's rollouts)."""
+        return self._request("POST", "/v1/completions", json=body)
+
+    def load_weights(self, path, checksum: bool = True) -> dict:
+        """Reload a checkpoint folder into the running engine; returns version/checksum."""
+        return self._request("POST", "/v1/weights/load",
+                             json={"path": str(path), "checksum": checksum})
+
+    def weight_version(self) -> str | None:
+        data = self.models().get("data") or [{}]
+        return data[0].get("weight_version")
+
     def close(self) -> None:
         self.http.close()
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.client import StepzipClient
 from trainer.config import GrpoRunConfig
 from trainer.rewards import (
     RewardConfig,
@@ -63,45 +64,6 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "rewards.png"
 SYNC_DIR = "sync"
 
-
-# ---- HTTP to the server --------------------------------------------------------------------
-
-
-class ServerClient:
-    """The few routes the trainer uses; thread-safe (httpx.Client)."""
-
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 1800.0):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-
-    def _post(self, path: str, body: dict) -> dict:
-        from clients.client import StepzipError
-
-        r = self.http.post(path, json=body)
-        if r.status_code >= 400:
-            try:
-                detail: Any = r.json()
-            except ValueError:
-                detail = r.text
-            raise StepzipError(r.status_code, detail)
-        return r.json()
-
-    def completions(self, body: dict) -> dict:
-        return self._post("/v1/completions", body)
-
-    def load_weights(self, path: str | os.PathLike, checksum: bool = True) -> dict:
-        return self._post("/v1/weights/load", {"path": str(path), "checksum": checksum})
-
-    def weight_version(self) -> str | None:
-        r = self.http.get("/v1/models")
-        r.raise_for_status()
-        data = r.json().get("data") or [{}]
-        return data[0].get("weight_version")
-
-    def close(self) -> None:
-        self.http.close()
 
 
 # ---- timings shared by the rollout function and the callbacks ------------------------------
@@ -159,7 +121,7 @@ class ServerRollout:
     ``server_n_steps`` and ``finish_reason`` per completion.
     """
 
-    def __init__(self, client: ServerClient, tokenizer: Any, cfg: GrpoRunConfig,
+    def __init__(self, client: StepzipClient, tokenizer: Any, cfg: GrpoRunConfig,
                  reward: RewardConfig, times: StepTimes, model_name: str | None = None):
         self.client, self.tokenizer, self.cfg = client, tokenizer, cfg
         self.reward, self.times, self.model_name = reward, times, model_name
@@ -322,7 +284,7 @@ class WeightSyncCallback(TrainerCallback):
     have the server load it (before the next rollouts). On a resumed run the restored
     weights are pushed first."""
 
-    def __init__(self, client: ServerClient, run_dir: Path, times: StepTimes, *,
+    def __init__(self, client: StepzipClient, run_dir: Path, times: StepTimes, *,
                  dtype: Any = None, keep: int = 2, checksum: bool = True,
                  log: Callable[[str], None] = print):
         self.client, self.run_dir, self.times = client, Path(run_dir), times
@@ -373,7 +335,7 @@ class WeightSyncCallback(TrainerCallback):
 class VersionProbeCallback(TrainerCallback):
     """trl-vllm backend: TRL syncs before each generation; record the server's version."""
 
-    def __init__(self, client: ServerClient, times: StepTimes):
+    def __init__(self, client: StepzipClient, times: StepTimes):
         self.client, self.times = client, times
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -586,7 +548,7 @@ def run_grpo(cfg: GrpoRunConfig, *, problems: Sequence[Any] | None = None,
         f"marker {reward_cfg.marker!r} (id {skip_id}), delimiter "
         f"{reward_cfg.step_delimiter!r}; components {', '.join(reward_cfg.enabled())}")
 
-    client = ServerClient(cfg.url, cfg.api_key, cfg.timeout)
+    client = StepzipClient(cfg.url, api_key=cfg.api_key, timeout=cfg.timeout)
     times = StepTimes()
     version_start = client.weight_version()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)

@@ -217,7 +217,7 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
     folder, tok = tiny_policy
     run_dir = tmp_path / "run"
     fake = FakeServer(tok, run_dir)
-    monkeypatch.setattr(grpo, "ServerClient", lambda *a, **k: fake)
+    monkeypatch.setattr(grpo, "StepzipClient", lambda *a, **k: fake)
     problems = [Problem(id=f"p{i}", question=f"What is {i} + 7 - {i}?", answer="7",
                         source="t") for i in range(4)]
     cfg = GrpoRunConfig(model=str(folder), url="http://fake", output_dir=str(run_dir),
@@ -273,7 +273,7 @@ def test_grpo_lora_pushes_merged_weights(tmp_path, tiny_policy, monkeypatch) -> 
     folder, tok = tiny_policy
     run_dir = tmp_path / "run"
     fake = FakeServer(tok, run_dir)
-    monkeypatch.setattr(grpo, "ServerClient", lambda *a, **k: fake)
+    monkeypatch.setattr(grpo, "StepzipClient", lambda *a, **k: fake)
     problems = [Problem(id="p0", question="What is 7?", answer="7", source="t")]
     cfg = GrpoRunConfig(model=str(folder), url="http://fake", output_dir=str(run_dir),
                         num_generations=2, prompts_per_step=1, max_completion_length=16,

@@ -56,7 +56,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(EntropyUnavailable, _entropy_unavailable)
     _add_engine_dead_handler(app)
-    app.middleware("http")(_observe)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(compress.router)
     app.include_router(openai.router)
@@ -78,15 +78,29 @@ async def _start(app: FastAPI) -> None:
         app.state.startup_error = f"{type(exc).__name__}: {exc}"
 
 
-async def _observe(request: Request, call_next):
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")
-    metrics: Metrics = request.app.state.metrics
-    metrics.requests.labels(path, str(response.status_code)).inc()
-    metrics.latency.labels(path).observe(time.perf_counter() - started)
-    return response
+class MetricsMiddleware:
+    """Counts requests and latency by route. Plain ASGI (not BaseHTTPMiddleware), so
+    handlers still see client disconnects and can abort engine work."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
 async def _entropy_unavailable(_request: Request, exc: EntropyUnavailable):

@@ -22,7 +22,9 @@ async def health(request: Request):
     if not engine.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
     return {"status": "ok", "model": engine.model_name, "processor": engine.processor,
-            "startup_s": engine.startup_s}
+            "startup_s": engine.startup_s,
+            "unfinished_requests": engine.llm.get_num_unfinished_requests(),
+            "weight_version": state.weight_version}
 
 
 @router.get("/v1/models")

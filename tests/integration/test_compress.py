@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 
 import httpx
 import pytest
@@ -121,3 +122,16 @@ def test_health_models_metrics(server, client):
     text = httpx.get(server.url + "/metrics", timeout=30).text
     assert "stepzip_requests_total" in text
     assert "stepzip_entropy_fetch_seconds" in text
+
+
+def test_client_disconnect_aborts_engine_work(server, client):
+    """A client that gives up must not leave its requests generating in the engine."""
+    body = {"problems": [{"text": f"Write a long story number {i}."} for i in range(4)],
+            "sampling": {"max_tokens": 900, "temperature": 1.0}, "answer": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/compress", json=body, timeout=3.0)
+    for _ in range(60):  # the server checks for disconnects every second
+        if client.health()["unfinished_requests"] == 0:
+            break
+        time.sleep(0.5)
+    assert client.health()["unfinished_requests"] == 0

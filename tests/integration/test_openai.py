@@ -225,3 +225,29 @@ def test_trl_weight_sync_surface_answers(server):
     assert "logprobs_mode" in info["model_config"]
     assert info["parallel_config"]["data_parallel_size"] == 1
     assert httpx.post(server.url + "/reset_prefix_cache", timeout=60).status_code == 200
+
+
+def test_sse_stream_with_n_and_stepzip_matches_non_streaming(server):
+    import json
+
+    body = {"prompt": PROMPTS, "n": 2, "max_tokens": 10, "temperature": 0.8, "seed": 9,
+            "return_token_ids": True, "stepzip": {"entropies": True}}
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=300).json()
+    texts: dict[int, str] = {}
+    finals: dict[int, dict] = {}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
+                      timeout=300) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        for choice in json.loads(line[len("data: "):])["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice.get("finish_reason"):
+                finals[choice["index"]] = choice
+    assert sorted(texts) == [0, 1, 2, 3]
+    for c in plain["choices"]:
+        assert texts[c["index"]] == c["text"]
+        final = finals[c["index"]]
+        assert final["token_ids"] == c["token_ids"]
+        assert len(final["stepzip"]["entropies"]) == len(c["token_ids"])

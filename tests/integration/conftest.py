@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from clients.client import StepzipClient
 from clients.launcher import ServerProcess
@@ -37,3 +38,50 @@ def server(default_model_dir, weights_root):
 def client(server):
     with StepzipClient(server.url, timeout=600) as c:
         yield c
+
+
+# ---- the entropy oracle: transformers, teacher forcing, full softmax -----------------
+
+TOLERANCE = 1e-3  # nats per token; see test_entropy_oracle.py for why
+
+
+@pytest.fixture(scope="session")
+def reference_model(default_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def reference_entropies(model, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()  # [seq, vocab] float64 for the reference
+    rows = logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(completion_ids)]
+    logp = torch.log_softmax(rows, dim=-1)
+    return (-(logp.exp() * logp).sum(-1)).tolist()
+
+
+def oracle_check(response, reference_model):
+    model, tokenizer = reference_model
+    worst, checked = 0.0, 0
+    for problem in response.results:
+        prompt_ids = tokenizer.encode(problem.prompt, add_special_tokens=False)
+        for trace in problem.traces:
+            ids, ents = trace.tokens.ids, trace.tokens.entropies
+            assert len(ents) == len(ids) == trace.completion_tokens, "one entropy per token"
+            expected = reference_entropies(model, prompt_ids, ids)
+            diffs = [abs(a - b) for a, b in zip(ents, expected)]
+            worst = max(worst, max(diffs, default=0.0))
+            checked += len(ids)
+            assert all(d <= TOLERANCE for d in diffs), (
+                f"max |diff| {max(diffs):.2e} at token {diffs.index(max(diffs))}")
+    return worst, checked
+
+
+
+@pytest.fixture(scope="session")
+def check_traces():
+    """check_traces(response, reference_model) -> (worst |diff|, tokens checked)."""
+    return oracle_check

@@ -14,12 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The prepared embedded SmolLM2-135M-Instruct folder (converted on first use, ~30 s)."""
-    from server.modelcache import find_embedded_gguf, prepare_default_model
+    from server.modelcache import prepare_default_model
 
-    try:
-        find_embedded_gguf()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
     return prepare_default_model(log=lambda _msg: None)
 
 

@@ -70,8 +70,9 @@ def build_jobs(engine: Engine, prompts: list[str | list[int]], req: _SamplingFie
     want_entropy = bool(req.stepzip and (req.stepzip.entropies or req.stepzip.steps))
     jobs = []
     for p_idx, prompt in enumerate(prompts):
-        n_prompt = len(prompt) if isinstance(prompt, list) else len(
-            engine.tokenizer.encode(prompt))
+        if isinstance(prompt, str):  # tokenize once, as vLLM would; the engine gets ids
+            prompt = engine.tokenizer.encode(prompt)
+        n_prompt = len(prompt)
         room = engine.max_model_len - n_prompt
         if room < 1:
             raise invalid(f"prompt.{p_idx}" if len(prompts) > 1 else "prompt",

@@ -71,7 +71,7 @@ async def _one_round(url: str, problems: list[str], max_tokens: int) -> tuple[in
 
 
 def cmd_bench_entropy(args) -> int:
-    from server.data import load_problems
+    from stepzip.data import load_problems
 
     problems = [p.question for p in load_problems("gsm8k", "test", limit=args.concurrency)]
     base = ["serve", "--model", args.model, "--max-model-len", str(args.max_model_len),
@@ -129,8 +129,8 @@ async def _rollout_round(url: str, model: str, prompts: list[str], k: int, max_t
 def cmd_bench_rollout(args) -> int:
     import sys
 
-    from server.data import load_problems
-    from server.modelcache import resolve_model
+    from stepzip.data import load_problems
+    from stepzip.modelcache import resolve_model
 
     model_path = resolve_model(args.model)
     problems = [p.question for p in load_problems("gsm8k", "test", limit=max(args.concurrency))]

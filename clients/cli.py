@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,30 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     from server.settings import ServerSettings
+    from stepzip.config import add_flags
 
-    docs = ServerSettings.field_docs()
-    for f in dataclasses.fields(ServerSettings):
-        if f.name == "extra_engine_args":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default, annotation = f.default, str(f.type)
-        if annotation.startswith("bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{docs.get(f.name, '')} (default: {default})")
-        else:
-            kind = int if annotation.startswith("int") else (
-                float if annotation.startswith("float") else str)
-            parser.add_argument(flag, type=kind, default=None,
-                                help=f"{docs.get(f.name, '')} (default: {default!r})")
+    add_flags(parser, ServerSettings)
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="extra vLLM AsyncEngineArgs, e.g. --engine-arg block_size=32")
 
 
 def settings_from_args(args: argparse.Namespace):
     from server.settings import ServerSettings
+    from stepzip.config import from_args
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(ServerSettings)
-                 if f.name != "extra_engine_args"}
     extra = {}
     for item in getattr(args, "engine_arg", []):
         key, _, value = item.partition("=")
@@ -105,17 +91,11 @@ def settings_from_args(args: argparse.Namespace):
             extra[key] = json.loads(value)
         except json.JSONDecodeError:
             extra[key] = value
-    settings = ServerSettings.from_env(**overrides)
-    settings.extra_engine_args = extra
-    if overrides.get("step_delimiter") is None and settings.model in ("default", "", None):
-        # SmolLM2-135M rarely leaves blank lines: with "\n\n" most traces are one step.
-        settings.step_delimiter = "\n"
-    settings.step_delimiter = settings.step_delimiter.encode().decode("unicode_escape")
-    return settings
+    return from_args(ServerSettings, args, extra_engine_args=extra)
 
 
 def cmd_model_prepare(args) -> int:
-    from server.modelcache import prepare_default_model
+    from stepzip.modelcache import prepare_default_model
 
     prepare_default_model(args.cache_dir, force=args.force)
     return 0
@@ -145,7 +125,7 @@ def cmd_demo(args) -> int:
 def cmd_compress(args) -> int:
     from clients.client import StepzipClient
     from clients.report import print_compress_table
-    from server.data import load_problems
+    from stepzip.data import load_problems
 
     texts, golds = list(args.problems), [None] * len(args.problems)
     if args.dataset:

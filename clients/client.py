@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from server import schemas
+from stepzip.schemas import compress as schemas
 
 
 class StepzipError(RuntimeError):

@@ -10,7 +10,7 @@ from rich.console import Console
 from clients.client import StepzipClient
 from clients.launcher import ServerProcess
 from clients.report import print_compress_table
-from server.data import load_problems
+from stepzip.data import load_problems
 
 
 def run_demo(*, model: str = "default", n_problems: int = 3, max_tokens: int = 192,

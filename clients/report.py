@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from server import schemas
+from stepzip.schemas import compress as schemas
 
 
 def print_compress_table(out: schemas.CompressResponse, console: Console | None = None) -> None:

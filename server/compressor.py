@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-from server import grading, schemas
-from server.compression import Compressed, PruneSpec, compress
+from stepzip import grading
+from stepzip.constants import ANSWER_CUE, THINK_OPEN
+from stepzip.schemas import compress as schemas
+from stepzip.compression import Compressed, PruneSpec, compress
 from server.engine.engine import Engine, Generation
-from server.prompts import THINK_CLOSE, PromptStyle, style_for
-from server.steps import Step, reasoning_span, segment, token_char_offsets
-from server.tokens import token_pieces
+from stepzip.prompts import THINK_CLOSE, PromptStyle, style_for
+from stepzip.steps import Step, reasoning_span, segment, token_char_offsets
+from stepzip.tokens import token_pieces
 
 
 class Compressor:
@@ -86,7 +88,7 @@ class Compressor:
         steps: list[Step] = []
         span = (0, 0)
         if text:
-            span = reasoning_span(text, think_open="<think>", think_close=THINK_CLOSE)
+            span = reasoning_span(text, think_open=THINK_OPEN, think_close=THINK_CLOSE)
             steps = segment(text, offsets, entropies, delimiter=delimiter, span=span)
         reasoning = text[span[0]:span[1]]
         variants = []
@@ -136,7 +138,7 @@ class Compressor:
         answers = await asyncio.gather(*jobs)
         for (trace, v_idx, gold), g in zip(slots, answers):
             out = trace.variants[v_idx]
-            answer = g.text if self.style.thinking else f"The answer is{g.text}"
+            answer = g.text if self.style.thinking else f"{ANSWER_CUE}{g.text}"
             out.answer_text = g.text
             out.extracted_answer, out.correct = grading.grade(answer, gold)
             usage.answer_tokens += len(g.token_ids)

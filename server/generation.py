@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from server.engine.engine import Engine, Generation
 from server.errors import invalid
-from server.schemas import StepOut
-from server.schemas_openai import ChoiceStepzip, StepzipOptions, _SamplingFields
-from server.steps import reasoning_span, segment, token_char_offsets
-from server.tokens import token_pieces
+from stepzip.schemas.compress import StepOut
+from stepzip.schemas.openai import ChoiceStepzip, StepzipOptions, _SamplingFields
+from stepzip.steps import reasoning_span, segment, token_char_offsets
+from stepzip.tokens import token_pieces
 from server.weightgate import WeightGate
-from trainer.rewards import count_skips, skip_ratio
+from stepzip.rewards import count_skips, skip_ratio
 
 
 @dataclass

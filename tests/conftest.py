@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The prepared embedded SmolLM2-135M-Instruct folder (converted on first use, ~30 s)."""
-    from server.modelcache import prepare_default_model
+    from stepzip.modelcache import prepare_default_model
 
     return prepare_default_model(log=lambda _msg: None)
 

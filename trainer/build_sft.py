@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stepzip.constants import ANSWER_CUE as PLAIN_ANSWER_CUE
+from stepzip.constants import THINK_CLOSE, THINK_OPEN
 from trainer.config import BuildSftConfig, unescape
 
-THINK_OPEN = "<think>"
-PLAIN_ANSWER_CUE = "The answer is"
 
 
 # ---- pure pieces -------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def answer_line(answer_text: str | None, *, thinking: bool, gold: str | None,
     return f"{PLAIN_ANSWER_CUE} {text}".rstrip() if text else None
 
 
-def format_completion(compressed: str, answer: str, think_close: str = "</think>") -> str:
+def format_completion(compressed: str, answer: str, think_close: str = THINK_CLOSE) -> str:
     """``<compressed reasoning>\\n</think>\\n\\n<answer>`` (no EOS: TRL appends it)."""
     return f"{compressed.rstrip()}\n{think_close}\n\n{answer.strip()}"
 
@@ -220,8 +220,8 @@ class BuildSftStats:
 
 
 def compress_request(problems: Sequence[Any], cfg: BuildSftConfig) -> Any:
-    """The CompressRequest for one batch of server.data.Problem."""
-    from server import schemas
+    """The CompressRequest for one batch of stepzip.data.Problem."""
+    from stepzip.schemas import compress as schemas
 
     return schemas.CompressRequest(
         problems=[schemas.Problem(text=p.question, id=p.id, answer=p.answer) for p in problems],
@@ -238,7 +238,7 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
     """Run (or resume) the build; returns the counts. `client` is a StepzipClient
     (made from cfg.url when None); `problems` overrides the dataset."""
     from clients.client import StepzipClient, StepzipError
-    from server.data import load_problems
+    from stepzip.data import load_problems
 
     started = time.perf_counter()
     output = Path(cfg.output)

@@ -1,6 +1,7 @@
 """Configuration of the three training stages, and the tiny CPU preset.
 
-Each stage is one dataclass; every field is a `stepzip train <stage>` flag of the same
+Each stage is one dataclass (the shared mechanism of `stepzip.config`); every field is a
+`stepzip train <stage>` flag of the same
 name (``max_tokens`` -> ``--max-tokens``; booleans get ``--x/--no-x``), and its help
 text is the field's ``help`` metadata. A value comes from, in order: the flag, the
 ``--tiny`` preset (when given), the field default.
@@ -14,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from trainer.rewards import RewardConfig
+from stepzip import config
+from stepzip.config import unescape
+from stepzip.constants import MARKER, THINK_CLOSE
+from stepzip.rewards import RewardConfig
 
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+_f = config.option
 
 
 @dataclass
@@ -54,8 +54,8 @@ class BuildSftConfig:
     answer_max_tokens: int = _f(64, "tokens of the answer from the compressed trace")
     delimiter: str | None = _f(None, "step delimiter, escapes allowed ('\\n'); default: "
                                      "the server's")
-    marker: str = _f("[SKIP]", "marker that replaces a pruned step")
-    think_close: str = _f("</think>", "tag that ends the reasoning in the SFT completion")
+    marker: str = _f(MARKER, "marker that replaces a pruned step")
+    think_close: str = _f(THINK_CLOSE, "tag that ends the reasoning in the SFT completion")
     prompt_template: str | None = _f(None, "user message template with {problem}")
     system: str | None = _f(None, "system message")
     retries: int = _f(2, "retries of a failed request (transport errors, 5xx)")
@@ -70,7 +70,7 @@ class SftRunConfig:
     model: str = _f("default", "base model: folder, hub id, or 'default' (embedded SmolLM2)")
     data: str = _f("sft.jsonl", "pairs written by build-sft")
     output_dir: str = _f("sft-model", "folder of the trained model (servable by stepzip serve)")
-    marker: str = _f("[SKIP]", "skip marker added to the tokenizer as one token")
+    marker: str = _f(MARKER, "skip marker added to the tokenizer as one token")
     skip_token: Literal["normal", "special"] = _f(
         "normal", "add the marker as a normal token (kept by skip_special_tokens decoding; "
         "the default) or as a special token")
@@ -158,7 +158,7 @@ class GrpoRunConfig:
     log_completions: bool = _f(False, "TRL's completion tables")
     save_final: bool = _f(True, "save the final policy (with tokenizer) to <output-dir>/final")
     plot: bool = _f(True, "draw <output-dir>/rewards.png at the end")
-    # Reward (trainer.rewards.RewardConfig): None = from the SFT folder's
+    # Reward (stepzip.rewards.RewardConfig): None = from the SFT folder's
     # stepzip_train.json, else RewardConfig's default.
     correctness: bool = _f(True, "reward: correctness component on")
     correct_reward: float = _f(2.0, "reward for a correct answer after </think>")
@@ -210,30 +210,12 @@ TINY: dict[type, dict[str, Any]] = {
 }
 
 
-def unescape(text: str | None) -> str | None:
-    """'\\n' typed on a command line -> a newline (as `stepzip serve` does)."""
-    if text is None:
-        return None
-    return text.encode().decode("unicode_escape")
-
-
-# ---- dataclass <-> argparse ------------------------------------------------------------
+# ---- flags: the shared mechanism (stepzip.config) plus the --tiny preset ------------------
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls`; defaults stay None so `from_args` can tell a flag
-    given from one left out."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind, choices, _ = _flag_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, choices=choices, default=None,
-                                help=help_text.replace("%", "%%"))
+    """The stage's flags, plus --tiny."""
+    config.add_flags(parser, cls)
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny CPU preset (explicit flags still win)")
 
@@ -241,26 +223,4 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 def from_args(cls: type, args: argparse.Namespace, tiny: bool | None = None) -> Any:
     """Flag > tiny preset > field default."""
     tiny = getattr(args, "tiny", False) if tiny is None else tiny
-    values = dict(TINY.get(cls, {})) if tiny else {}
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-    return cls(**values)
-
-
-def _flag_type(annotation: Any) -> tuple[Any, list | None, bool]:
-    """(argparse type, choices, optional) of a field annotation."""
-    optional = False
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        annotation = args[0]
-        origin = typing.get_origin(annotation)
-    if origin is Literal:
-        choices = list(typing.get_args(annotation))
-        return type(choices[0]), choices, optional
-    if annotation in (int, float, str, bool):
-        return annotation, None, optional
-    raise TypeError(f"no flag type for {annotation!r}")
+    return config.from_args(cls, args, preset=TINY.get(cls, {}) if tiny else None)

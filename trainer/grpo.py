@@ -14,7 +14,7 @@ Two backends:
   same server, which exposes TRL's NCCL weight-sync routes; TRL pushes the weights before
   each generation.
 
-Rewards: one TRL reward function per enabled component (trainer.rewards), so TRL logs
+Rewards: one TRL reward function per enabled component (stepzip.rewards), so TRL logs
 ``rewards/<component>/mean`` and sums them into the paper's reward. The first of them
 also logs diagnostics through TRL's ``log_metric``: skip ratio, skips and steps per
 completion, accuracy (graded whether or not correctness is rewarded), and the share of
@@ -44,7 +44,7 @@ from typing import Any
 
 from clients.client import StepzipClient
 from trainer.config import GrpoRunConfig
-from trainer.rewards import (
+from stepzip.rewards import (
     RewardConfig,
     completion_text,
     count_skips,
@@ -216,7 +216,7 @@ def completion_diagnostics(completions: Sequence[Any], completion_ids: Sequence[
                            golds: Sequence[str | None] | None, cfg: RewardConfig,
                            skip_id: int | None) -> dict[str, float]:
     """Means over a batch: skip ratio, skips, steps, accuracy, closed reasoning."""
-    from server.grading import grade
+    from stepzip.grading import grade
 
     ids = completion_ids if completion_ids is not None else [None] * len(completions)
     golds = golds if golds is not None else [None] * len(completions)
@@ -238,7 +238,7 @@ def completion_diagnostics(completions: Sequence[Any], completion_ids: Sequence[
 
 
 def make_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[Callable[..., list]]:
-    """trainer.rewards' component functions; the first also logs the diagnostics."""
+    """stepzip.rewards' component functions; the first also logs the diagnostics."""
     funcs = make_trl_reward_funcs(cfg, tokenizer)
     if not funcs:
         raise ValueError("every reward component is switched off; GRPO needs a reward")
@@ -459,7 +459,7 @@ def grpo_dataset_rows(problems: Sequence[Any], tokenizer: Any,
                       template: str | None = None, system: str | None = None) -> list[dict]:
     """Rows {prompt, answer, id}: the prompt rendered as the server renders it for
     /v1/compress (chat template, a <think> opener for a thinking model)."""
-    from server.prompts import style_for
+    from stepzip.prompts import style_for
 
     style = style_for(tokenizer)
     return [{"prompt": style.reasoning_prompt(tokenizer, p.question, template, system),
@@ -524,7 +524,7 @@ def run_grpo(cfg: GrpoRunConfig, *, problems: Sequence[Any] | None = None,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from server.data import load_problems
+    from stepzip.data import load_problems
     from trainer.modeling import export_policy, on_cpu, pick_dtype, read_meta, resolve_model
 
     started = time.perf_counter()

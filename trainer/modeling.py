@@ -14,7 +14,7 @@ META_FILE = "stepzip_train.json"
 def resolve_model(model: str) -> str:
     """'default' -> the prepared embedded SmolLM2 folder; anything else unchanged."""
     if model in ("default", "", None):
-        from server.modelcache import prepare_default_model
+        from stepzip.modelcache import prepare_default_model
 
         return str(prepare_default_model())
     return model

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stepzip.constants import THINK_CLOSE
 from trainer.config import SftRunConfig
 from trainer.modeling import (
     META_FILE,
@@ -167,7 +168,7 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
         "vocab_rows": vocab_after,
         "tokenizer_size": len(tokenizer),
         "delimiter": meta.get("delimiter"),
-        "think_close": meta.get("think_close", "</think>"),
+        "think_close": meta.get("think_close", THINK_CLOSE),
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "losses": losses,

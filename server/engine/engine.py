@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.engine.entropy import EXTRA_ARGS_KEY
-from server.modelcache import resolve_model
+from stepzip.modelcache import resolve_model
 from server.settings import ServerSettings
 
 log = logging.getLogger("stepzip.engine")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server import schemas
+from stepzip.schemas import compress as schemas
 from server.errors import invalid
 from server.routes.deps import ready_engine, unless_disconnected
 

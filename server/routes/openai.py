@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from server import generation as gen
 from server.errors import ApiError, invalid
 from server.routes.deps import ready_engine, unless_disconnected
-from server.schemas_openai import (
+from stepzip.schemas.openai import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,

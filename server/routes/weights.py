@@ -23,7 +23,7 @@ from fastapi import APIRouter, Body, Request
 
 from server.errors import ApiError, invalid
 from server.routes.deps import ready_engine
-from server.schemas_openai import WeightsLoadRequest, WeightsLoadResponse
+from stepzip.schemas.openai import WeightsLoadRequest, WeightsLoadResponse
 
 router = APIRouter(tags=["weights"])
 

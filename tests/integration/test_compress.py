@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from server.data import load_problems
+from stepzip.data import load_problems
 
 pytestmark = pytest.mark.engine
 

@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from server.data import load_problems
+from stepzip.data import load_problems
 
 pytestmark = pytest.mark.engine
 

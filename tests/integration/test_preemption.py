@@ -12,7 +12,7 @@ import pytest
 
 from clients.client import StepzipClient
 from clients.launcher import ServerProcess
-from server.data import load_problems
+from stepzip.data import load_problems
 
 pytestmark = pytest.mark.engine
 

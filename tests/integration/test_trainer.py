@@ -24,7 +24,7 @@ from trainer.build_sft import build_sft
 from trainer.cli import serve_argv
 from trainer.config import TINY, BuildSftConfig, GrpoRunConfig, SftRunConfig
 from trainer.grpo import METRICS_FILE, read_metrics, run_grpo
-from trainer.rewards import COMPONENTS
+from stepzip.rewards import COMPONENTS
 from trainer.sft import run_sft
 
 pytestmark = pytest.mark.engine

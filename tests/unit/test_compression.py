@@ -1,4 +1,4 @@
-"""Pruning strategies, rendering and spec validation (server/compression.py)."""
+"""Pruning strategies, rendering and spec validation (stepzip/compression.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.compression import (
+from stepzip.compression import (
     DEFAULT_MARKER,
     STRATEGIES,
     Compressed,
@@ -20,7 +20,7 @@ from server.compression import (
     select_steps,
     validate_spec,
 )
-from server.steps import Step, segment, token_char_offsets
+from stepzip.steps import Step, segment, token_char_offsets
 
 
 class Trace:

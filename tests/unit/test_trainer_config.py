@@ -16,7 +16,7 @@ from trainer.config import (
     from_args,
     unescape,
 )
-from trainer.rewards import RewardConfig
+from stepzip.rewards import RewardConfig
 
 
 def _parse(cls, argv):

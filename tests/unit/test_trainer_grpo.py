@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.data import Problem
+from stepzip.data import Problem
 from trainer.config import GrpoRunConfig
 from trainer.grpo import (
     METRICS_FILE,
@@ -21,7 +21,7 @@ from trainer.grpo import (
     read_metrics,
     time_split,
 )
-from trainer.rewards import RewardConfig
+from stepzip.rewards import RewardConfig
 
 CFG = RewardConfig(step_delimiter="\n")
 

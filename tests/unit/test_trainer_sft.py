@@ -118,7 +118,7 @@ def test_peft_policy_exports_merged_weights_under_base_names(tok) -> None:
 
 
 def _pairs(tmp_path, tok, n=4):
-    from server.prompts import style_for
+    from stepzip.prompts import style_for
 
     style = style_for(tok)
     path = tmp_path / "pairs.jsonl"

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.schemas import StepOut
+from stepzip.constants import MARKER
+from stepzip.schemas.compress import StepOut
 
 
 class StepzipOptions(BaseModel):
@@ -19,7 +20,7 @@ class StepzipOptions(BaseModel):
     steps: bool = Field(False, description="Steps with entropy statistics.")
     delimiter: str | None = Field(None, min_length=1, max_length=16,
                                   description="Step delimiter (default: the server's).")
-    marker: str = Field("[SKIP]", min_length=1, max_length=64)
+    marker: str = Field(MARKER, min_length=1, max_length=64)
 
 
 class StreamOptions(BaseModel):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stepzip.constants import ANSWER_CUE, THINK_CLOSE, THINK_OPEN
+
 DEFAULT_TEMPLATE = (
     "Question: {problem}\nAnswer step by step, then write 'The answer is' and the number."
 )
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-PLAIN_ANSWER_CUE = "\nThe answer is"
+PLAIN_ANSWER_CUE = f"\n{ANSWER_CUE}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.grading import gold_from_gsm8k, normalize_answer
+from stepzip.grading import gold_from_gsm8k, normalize_answer
 
 
 @dataclass(frozen=True)

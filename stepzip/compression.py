@@ -34,9 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from server.steps import DEFAULT_DELIMITER, Step, delimiter_run_pattern
+from stepzip.constants import MARKER
+from stepzip.steps import DEFAULT_DELIMITER, Step, delimiter_run_pattern
 
-DEFAULT_MARKER = "[SKIP]"
+DEFAULT_MARKER = MARKER
 STRATEGIES = ("low", "high", "random", "token", "adaptive")
 
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.grading import grade
+from stepzip.constants import MARKER, PARAGRAPH_DELIMITER, THINK_CLOSE
+from stepzip.grading import grade
 
 COMPONENTS = ("correctness", "skip_ratio", "skip_count", "length")
 
@@ -39,9 +40,9 @@ class RewardConfig:
     length: bool = True
     max_completion_tokens: int = 3500
     too_long_penalty: float = -1.0
-    marker: str = "[SKIP]"
-    think_close: str = "</think>"
-    step_delimiter: str = "\n\n"
+    marker: str = MARKER
+    think_close: str = THINK_CLOSE
+    step_delimiter: str = PARAGRAPH_DELIMITER
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.skip_ratio_mid <= self.skip_ratio_high <= 1.0:
@@ -68,7 +69,7 @@ def count_skips(
     text: str | None,
     completion_ids: TokenIds | None = None,
     skip_token_id: int | None = None,
-    marker: str = "[SKIP]",
+    marker: str = MARKER,
 ) -> int:
     """Number of skip markers in a completion.
 
@@ -83,13 +84,13 @@ def count_skips(
     return max(in_text, in_ids)
 
 
-def count_steps(reasoning: str, delimiter: str = "\n\n") -> int:
+def count_steps(reasoning: str, delimiter: str = PARAGRAPH_DELIMITER) -> int:
     """Non-empty steps between delimiters; a step holding only a marker counts."""
     return sum(1 for step in reasoning.split(delimiter) if step.strip())
 
 
 def skip_ratio(
-    reasoning: str, n_skips: int, delimiter: str = "\n\n", marker: str = "[SKIP]"
+    reasoning: str, n_skips: int, delimiter: str = PARAGRAPH_DELIMITER, marker: str = MARKER
 ) -> float:
     """#skips / #steps including skips (0 when there are no steps).
 
@@ -100,7 +101,7 @@ def skip_ratio(
     return n_skips / n_steps if n_steps else 0.0
 
 
-def split_completion(completion: str, think_close: str = "</think>") -> tuple[str, str | None]:
+def split_completion(completion: str, think_close: str = THINK_CLOSE) -> tuple[str, str | None]:
     """(reasoning, answer part); the answer part is None when reasoning never closed."""
     reasoning, closed, answer = completion.partition(think_close)
     return reasoning, answer if closed else None

@@ -42,7 +42,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DEFAULT_DELIMITER = "\n\n"
+from stepzip.constants import PARAGRAPH_DELIMITER, THINK_CLOSE, THINK_OPEN
+
+DEFAULT_DELIMITER = PARAGRAPH_DELIMITER
 
 _ANSWER_MARKER = re.compile(r"final answer|the answer is|answer:|\\boxed\{|####", re.IGNORECASE)
 
@@ -67,7 +69,7 @@ class Step:
 
 
 def reasoning_span(
-    text: str, *, think_open: str = "<think>", think_close: str = "</think>"
+    text: str, *, think_open: str = THINK_OPEN, think_close: str = THINK_CLOSE
 ) -> tuple[int, int]:
     """Return the [start, end) character range of the reasoning in a completion.
 

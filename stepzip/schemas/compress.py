@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stepzip.constants import MARKER
+
 Strategy = Literal["low", "high", "random", "token", "adaptive"]
 
 
@@ -72,7 +74,7 @@ class CompressRequest(_Strict):
     answer_max_tokens: int = Field(64, ge=1)
     delimiter: str | None = Field(None, min_length=1, max_length=16,
                                   description="Step delimiter; default is the server's.")
-    marker: str = Field("[SKIP]", min_length=1, max_length=64)
+    marker: str = Field(MARKER, min_length=1, max_length=64)
     merge_runs: bool = False
     prompt_template: str | None = Field(
         None, description="User message template with a {problem} field; default is the server's.")
@@ -99,7 +101,7 @@ class StepOut(BaseModel):
 
     @classmethod
     def from_step(cls, s) -> StepOut:
-        """From a `server.steps.Step`."""
+        """From a `stepzip.steps.Step`."""
         return cls(index=s.index, text=s.text, token_start=s.token_start,
                    token_end=s.token_end, tokens=s.n_tokens, entropy_sum=s.entropy_sum,
                    entropy_mean=s.entropy_mean, entropy_max=s.entropy_max)

@@ -9,32 +9,32 @@ from rich.console import Console
 
 from clients.client import StepzipClient
 from clients.launcher import ServerProcess
-from clients.report import print_compress_table
+from clients.report import print_compress_table, progress_bar
 from stepzip.data import load_problems
 
 
 def run_demo(*, model: str = "default", n_problems: int = 3, max_tokens: int = 192,
              port: int = 0, url: str | None = None, json_path: Path | None = None) -> int:
     console = Console()
-    if not console.is_terminal:  # logs and CI: don't fold the table into 80 columns
-        console = Console(width=140)
     problems = load_problems("gsm8k", "test", limit=n_problems)
     with contextlib.ExitStack() as stack:
         if url is None:
-            console.print(f"starting stepzip on {model!r} (CPU start-up takes ~30-120 s)...")
-            server = stack.enter_context(ServerProcess(
-                ["serve", "--model", model, "--max-model-len", "2048"], port=port or None))
+            with console.status(f"starting stepzip on {model!r} (CPU start-up takes "
+                                f"~30-120 s)..."):
+                server = stack.enter_context(ServerProcess(
+                    ["serve", "--model", model, "--max-model-len", "2048"], port=port or None))
             url = server.url
             console.print(f"server ready at {url} in {server.startup_s:.0f} s "
                           f"(log: {server.log_path})")
-        client = stack.enter_context(StepzipClient(url))
-        out = client.compress(
-            [p.question for p in problems], answers=[p.answer for p in problems],
-            variants=[{"strategy": "low", "ratio": 0.5}, {"strategy": "low", "ratio": 0.8},
-                      {"strategy": "high", "ratio": 0.8}],
-            max_tokens=max_tokens, temperature=0.0)
-        for p, problem in zip(out.results, problems):
-            p.id = problem.id
+        client = stack.enter_context(StepzipClient(url, max_problems=1))
+        with progress_bar("compressing GSM8K problems", len(problems), console) as bar:
+            out = client.compress(
+                [p.question for p in problems], answers=[p.answer for p in problems],
+                ids=[p.id for p in problems],
+                variants=[{"strategy": "low", "ratio": 0.5}, {"strategy": "low", "ratio": 0.8},
+                          {"strategy": "high", "ratio": 0.8}],
+                max_tokens=max_tokens, temperature=0.0, progress=bar,
+                concurrency=len(problems))  # one request each, all in flight: a live bar
         print_compress_table(out, console)
         first = out.results[0].traces[0]
         if first.variants:

@@ -1,286 +1,524 @@
-"""GPU check of the fused Triton entropy kernel: accuracy and speed against the memory floor.
+"""One-shot GPU check of the entropy path: the fused Triton kernel and the Model Runner V2
+adapter, on a CUDA machine with torch + Triton only (no vLLM needed).
 
-    python -m clients.gpucheck [--vocab 152064] [--batches 1,8,64,256,1024] [--iters 20]
+    python -m clients.gpucheck                 # CUDA: the whole check, <= 5 minutes
+    python -m clients.gpucheck --dry-run       # here: Triton's CPU interpreter, small sizes
 
-Needs CUDA, torch and Triton; does NOT need vLLM (it imports only
-`server.engine.entropy` and `server.engine.entropy_triton`, and says so if anything
-pulled vLLM in). On an H100 it runs in well under two minutes.
-
-For each dtype (fp32, bf16) and batch size it
-  * draws random logits (per-row scales from 0.05 to 30, a few rows with -inf entries:
-    half masked, all but three masked, one near-one-hot row) and checks the kernel and
-    `entropy_torch` against a float64 reference (-sum p log p over the same values);
-  * times the kernel and `entropy_torch` with CUDA events (warm-up, median of N);
-  * prints the memory floor = logit bytes / copy bandwidth, where the copy bandwidth
-    is (read + write bytes) / time of a large device-to-device copy, and the ratio
-    kernel_time / floor (1.0 = as fast as just reading the logits once).
-It also checks non-contiguous rows and fp16, optionally sweeps launch configurations at
-the largest batch, and ends with one JSON line (`{"gpucheck": ...}`). Exit code 0 when
-every accuracy check passes, 1 when one fails, 2 when the machine cannot run it.
+Sections (each reports its own failure and the run goes on; a global time budget skips
+what no longer fits):
+  accuracy    kernel and `entropy_torch` vs float64 at vocab 50,257 / 152,064 / 262,144,
+              rows 1..1,024, fp32 and bf16, with kernel and torch times
+  edges       masks with -inf, finfo.min and -1e38 (all but 3 of 64 masked), all -inf
+              rows and NaN rows (must be NaN, as `entropy_torch`), zero rows
+  layouts     transposed, sliced (row stride != vocab), storage offset, fp16
+  huge        a bf16 input with more than 2^31 elements (sampled rows vs entropy_torch)
+  nosync      the kernel and `EntropyProcessorV2.apply` under
+              torch.cuda.set_sync_debug_mode("error")
+  compile     cold compile + first call of the kernel in a fresh process with an empty
+              Triton cache, then the same with the cache warm
+  replay_v2   `EntropyProcessorV2` driven on the device against a stand-in of vLLM's V2
+              interface: reordered rows, padding, chunked prefill, preemption resumed in
+              another slot, speculative rows with a rejected tail, keyless rows;
+              `store.fetch()` checked against `entropy_torch` of every sampled row
+  floor       kernel vs `entropy_torch` and the memory floor (logit bytes / copy
+              bandwidth) at [256, 152064] fp32 and bf16
+It prints one table (section, status, seconds, summary) and ends with one JSON line
+`{"gpucheck": {...}}`. Exit code 0 when every section passed, 1 otherwise, 2 when the
+machine cannot run it at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import random
 import statistics
+import subprocess
 import sys
 import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+# Triton's interpreter must be chosen before triton is first imported.
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
 from server.engine import entropy_triton
-from server.engine.entropy import entropy_torch
+from server.engine.entropy import EXTRA_ARGS_KEY, entropy_torch
 
-# Where the check runs; a module constant so a dry run can point it elsewhere.
-DEVICE = "cuda"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ~150 us at 2 GHz per queued call: covers the host's launch time of one call.
-_SLEEP_CYCLES_PER_CALL = 300_000
-SWEEP = [(2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4  # nats vs float64 (bf16 rows are compared on the rounded values they hold)
+F32_MIN = torch.finfo(torch.float32).min
+
+
+class Check:
+    """Shared state: device, sizes, the deadline, and each section's result."""
+
+    def __init__(self, args):
+        self.dry = args.dry_run
+        self.device = "cpu" if self.dry else "cuda"
+        self.deadline = time.monotonic() + args.budget_s
+        self.gen = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.sections: list[dict] = []
+        self.iters = args.iters
+        if self.dry:
+            self.vocabs, self.rows = [1000, 3001], [1, 8]
+        else:
+            self.vocabs, self.rows = [50_257, 152_064, 262_144], [1, 8, 64, 256, 1024]
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def randn(self, *shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, generator=self.gen).to(dtype)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
 
 def reference_f64(logits: torch.Tensor) -> torch.Tensor:
-    """-sum p log p in float64 over exactly the values the kernel reads; masked p = 0."""
+    """-sum p log p in float64 over exactly the values given; masked p = 0; NaN stays."""
     x = logits.double()
     logp = torch.log_softmax(x, dim=-1)
     p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=torch.float64, device=x.device))
-    return -plogp.sum(dim=-1)
+    return -torch.where(p > 0, p * logp, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
 
 
-def make_logits(batch: int, vocab: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    dev = DEVICE
-    scale = torch.logspace(-1.3, 1.48, batch, device=dev)  # 0.05 .. 30
-    scale = scale[torch.randperm(batch, device=dev, generator=gen)]
-    x = torch.randn(batch, vocab, device=dev, generator=gen) * scale[:, None]
-    x += torch.randn(batch, 1, device=dev, generator=gen) * 5  # row offsets: shift invariance
-    if batch >= 2:  # half the vocabulary masked
-        x[1, torch.rand(vocab, device=dev, generator=gen) < 0.5] = float("-inf")
-    if batch >= 3:  # all but three masked (H <= log 3)
-        keep = x[2, :3].clone()
-        x[2] = float("-inf")
-        x[2, [5, vocab // 2, vocab - 1]] = keep
-    if batch >= 4:  # near one-hot (H ~ 0)
+def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max |got - want| where want is finite; inf when NaN-ness differs."""
+    got, want = got.double(), want.double()
+    if not torch.equal(torch.isnan(got), torch.isnan(want)):
+        return math.inf
+    finite = torch.isfinite(want)
+    return (got - want)[finite].abs().max().item() if finite.any() else 0.0
+
+
+def make_logits(chk: Check, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row scales 0.05..30, offsets, and a few masked rows like samplers make them."""
+    scale = torch.logspace(-1.3, 1.48, rows, device=chk.device)[:, None]
+    x = chk.randn(rows, vocab) * scale + chk.randn(rows, 1) * 5
+    if rows >= 4:
+        x[1, torch.rand(vocab, device=chk.device, generator=chk.gen) < 0.5] = float("-inf")
+        x[2, 3:] = F32_MIN
         x[3] = 0.0
-        x[3, 7] = 60.0
-    if batch >= 8:  # masked tail, like a padded vocabulary
-        x[batch - 1, vocab - 1000 :] = float("-inf")
+        x[3, 7] = 60.0  # near one-hot
     return x.to(dtype)
 
 
-def cuda_time_ms(fn, inputs: list, iters: int, warmup: int) -> float:
-    """Median GPU time of one fn(x) call, in ms, measured with CUDA events.
-
-    Each sample runs fn over every tensor in `inputs` (copies of the same logits, enough
-    of them that one pass does not fit in L2, so small batches are timed from HBM, not
-    from cache) and divides by their number. A GPU sleep queued ahead of the start event
-    keeps the stream busy while the host enqueues, so launch overhead is not timed.
-    """
-    for _ in range(warmup):
-        for x in inputs:
-            fn(x)
-    torch.cuda.synchronize()
+def time_ms(chk: Check, fn, x, iters: int) -> float:
+    """Median ms of fn(x): CUDA events on the GPU, wall clock in a dry run."""
+    fn(x)
+    chk.sync()
     times = []
     for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(_SLEEP_CYCLES_PER_CALL * len(inputs)))
-        start.record()
-        for x in inputs:
+        if chk.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(inputs))
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn(x)
+            times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
 
 
-def l2_busting_copies(
-    logits: torch.Tensor, min_bytes: int = 128 << 20, max_copies: int = 1024
-) -> list[torch.Tensor]:
-    """[logits, clone, clone, ...] totalling at least min_bytes (or max_copies tensors)."""
-    nbytes = logits.numel() * logits.element_size()
-    count = max(1, min(max_copies, -(-min_bytes // max(nbytes, 1))))
-    return [logits] + [logits.clone() for _ in range(count - 1)]
+# ---- sections ------------------------------------------------------------------------
+
+def section_accuracy(chk: Check) -> tuple[bool, str, dict]:
+    rows_out, worst = [], 0.0
+    for vocab in chk.vocabs:
+        for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for rows in chk.rows:
+                if chk.left() < 30:
+                    return worst <= TOL, f"cut short by the budget; worst {worst:.1e}", {
+                        "cases": rows_out}
+                x = make_logits(chk, rows, vocab, dtype)
+                ref = reference_f64(x)
+                err_k = max_err(entropy_triton.entropy_triton(x), ref)
+                err_t = max_err(entropy_torch(x), ref)
+                iters = 3 if chk.dry else chk.iters
+                k_ms = time_ms(chk, entropy_triton.entropy_triton, x, iters)
+                t_ms = time_ms(chk, entropy_torch, x, max(2, iters // 4))
+                worst = max(worst, err_k)
+                rows_out.append({"vocab": vocab, "dtype": dname, "rows": rows, "err_kernel": err_k,
+                                 "err_torch": err_t, "kernel_ms": k_ms, "torch_ms": t_ms})
+                print(f"  accuracy vocab {vocab:>7} {dname} rows {rows:>5}: err kernel "
+                      f"{err_k:.1e} torch {err_t:.1e}; kernel {k_ms:.3f} ms, torch {t_ms:.3f} ms",
+                      flush=True)
+                del x, ref
+    return worst <= TOL, f"{len(rows_out)} cases, worst kernel error {worst:.1e} nats", {
+        "cases": rows_out}
 
 
-def copy_bandwidth(nbytes: int, iters: int) -> float:
-    """Bytes per second moved (read + write) by a device-to-device copy of nbytes."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).normal_()
+def section_edges(chk: Check) -> tuple[bool, str, dict]:
+    cases = {}
+    for name, mask in (("neg_inf", float("-inf")), ("finfo_min", F32_MIN), ("minus_1e38", -1e38)):
+        x = chk.randn(4, 64)
+        x[0, 3:] = mask  # all but 3 of 64 masked
+        x[1, :-3] = mask
+        x[2, ::2] = mask
+        # 64 columns in lanes of 16, and 131,072 columns (8 x 4,096 lanes): lanes meet
+        # several masked values before a real one, where `t - d * s` used to overflow
+        wide = x.repeat(1, 8 if chk.dry else 2048)
+        cases[name] = max_err(entropy_triton.entropy_triton(x, block_size=16), reference_f64(x))
+        cases[name + "_wide"] = max_err(entropy_triton.entropy_triton(wide), reference_f64(wide))
+    special = chk.randn(4, 5000)
+    special[0] = float("-inf")  # no distribution: NaN, as entropy_torch
+    special[1, 17] = float("nan")
+    special[2, 4999] = float("inf")
+    got = entropy_triton.entropy_triton(special)
+    cases["all_neg_inf_nan"] = 0.0 if bool(torch.isnan(got[0])) else math.inf
+    cases["nan_row_nan"] = 0.0 if bool(torch.isnan(got[1])) else math.inf
+    cases["pos_inf_row_nan"] = 0.0 if bool(torch.isnan(got[2])) else math.inf
+    cases["clean_row"] = max_err(got[3:], reference_f64(special[3:]))
+    cases["matches_torch_nan_pattern"] = (
+        0.0 if torch.equal(torch.isnan(got), torch.isnan(entropy_torch(special))) else math.inf)
+    empty = entropy_triton.entropy_triton(torch.zeros(0, 64, device=chk.device))
+    cases["zero_rows"] = 0.0 if tuple(empty.shape) == (0,) else math.inf
+    bad = [k for k, v in cases.items() if not v <= TOL]
+    return not bad, f"{len(cases)} cases" + (f", FAILED: {bad}" if bad else " ok"), {"cases": cases}
+
+
+def section_layouts(chk: Check) -> tuple[bool, str, dict]:
+    vocab = chk.vocabs[0]
+    cases = {}
+    t = chk.randn(vocab, 6).t()  # transposed: column stride != 1
+    cases["transposed"] = max_err(entropy_triton.entropy_triton(t), reference_f64(t))
+    wide = chk.randn(16, vocab + 136) * 4
+    view = wide[:, 72 : 72 + vocab]  # row stride != vocab, unaligned start
+    cases["sliced"] = max_err(entropy_triton.entropy_triton(view), reference_f64(view))
+    flat = chk.randn(5 * vocab + 3)
+    offset = flat[3:].view(5, vocab)  # storage offset of 3 elements
+    cases["offset"] = max_err(entropy_triton.entropy_triton(offset), reference_f64(offset))
+    half = make_logits(chk, 8, vocab, torch.float16)
+    cases["fp16"] = max_err(entropy_triton.entropy_triton(half), reference_f64(half))
+    rows = make_logits(chk, 8, vocab, torch.float32)[::2]  # every other row
+    cases["row_step_2"] = max_err(entropy_triton.entropy_triton(rows), reference_f64(rows))
+    bad = [k for k, v in cases.items() if not v <= TOL]
+    return not bad, ", ".join(f"{k} {v:.1e}" for k, v in cases.items()), {"cases": cases}
+
+
+def section_huge(chk: Check) -> tuple[bool, str, dict]:
+    if chk.dry:
+        return True, "skipped in a dry run (needs > 4 GiB)", {"skipped": True}
+    vocab = 262_144
+    rows = (2**31) // vocab + 8  # 8,200 rows: 2.15e9 elements, 4.3 GB of bf16
+    x = torch.empty(rows, vocab, dtype=torch.bfloat16, device=chk.device)
+    x.normal_(generator=chk.gen)
+    x[-1, :-3] = float("-inf")  # the last row, past 2^31 elements, with survivors at the end
+    got = entropy_triton.entropy_triton(x)
+    pick = torch.tensor([0, rows // 2, rows - 2, rows - 1], device=chk.device)
+    err = max_err(got[pick], entropy_torch(x[pick]))
+    numel = x.numel()
+    del x
+    torch.cuda.empty_cache()
+    return err <= TOL, f"[{rows}, {vocab}] bf16 = {numel:.3e} elements, sampled rows err {err:.1e}", {
+        "numel": numel, "err": err}
+
+
+def section_nosync(chk: Check) -> tuple[bool, str, dict]:
+    if chk.device != "cuda":
+        return True, "skipped in a dry run (sync debug mode is CUDA only)", {"skipped": True}
+    x = make_logits(chk, 64, chk.vocabs[1], torch.float32)
+    replay = V2Replay(chk, max_num_reqs=8, vocab=x.shape[1])
+    reqs = [Req(f"s{i}", f"s{i}" if i % 3 else None, 5 + i) for i in range(6)]
+    replay.add(*reqs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        entropy_triton.entropy_triton(x)
+        replay.step([(r, r.prompt_len) for r in reqs], sync_free=True)
+        replay.step([(r, 1) for r in reqs], sync_free=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return True, "kernel and EntropyProcessorV2.apply ran with sync debug mode 'error'", {}
+
+
+_COMPILE_SNIPPET = """
+import time, torch
+t0 = time.perf_counter()
+from server.engine import entropy_triton as et
+x = torch.randn(4, {vocab}, device="cuda")
+t1 = time.perf_counter()
+et.entropy_triton(x); torch.cuda.synchronize()
+t2 = time.perf_counter()
+et.entropy_triton(x); torch.cuda.synchronize()
+t3 = time.perf_counter()
+print("TIMES", t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def section_compile(chk: Check) -> tuple[bool, str, dict]:
+    if chk.device != "cuda":
+        return True, "skipped in a dry run (the interpreter compiles nothing)", {"skipped": True}
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_CACHE_DIR=cache,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        for label in ("cold", "warm_cache"):
+            proc = subprocess.run(
+                [sys.executable, "-c", _COMPILE_SNIPPET.format(vocab=chk.vocabs[1])],
+                env=env, cwd=REPO, capture_output=True, text=True,
+                timeout=max(10, chk.left() - 5), check=False)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TIMES")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"{label} run failed: {proc.stderr[-1500:]}")
+            _, _, first, second = line[-1].split()
+            out[label] = {"first_call_s": float(first), "second_call_s": float(second)}
+    return True, (f"first call {out['cold']['first_call_s']:.2f} s with an empty cache, "
+                  f"{out['warm_cache']['first_call_s']:.2f} s with a warm cache"), out
+
+
+# ---- Model Runner V2 replay ------------------------------------------------------------
+
+class Req:
+    def __init__(self, name: str, key: str | None, prompt_len: int):
+        self.name, self.key, self.prompt_len = name, key, prompt_len
+        self.out: list[int] = []
+        self.slot: int | None = None
+        self.prefill_len = 0
+        self.num_computed = 0
+        self.params = SimpleNamespace(extra_args={EXTRA_ARGS_KEY: key} if key else None)
+
+
+class V2Replay:
+    """Mirror of Model Runner V2's slot table and sampler calls, against a stand-in of
+    vLLM's V2 interface (`LogitsProcRequestState`, `LogitsContext` fields the adapter
+    reads). Every sampled row's expected value is `entropy_torch` of that row; a later
+    write to the same output position replaces an earlier one."""
+
+    def __init__(self, chk: Check, max_num_reqs: int, vocab: int, max_model_len: int = 256):
+        from server.engine import entropy as entropy_mod
+        from server.engine.processor_v2 import EntropyProcessorV2
+
+        entropy_mod._STORE = None  # a fresh store per replay
+        self.chk, self.vocab = chk, vocab
+        self.prompt_len = torch.zeros(max_num_reqs, dtype=torch.int32)
+        self.prefill_len = torch.zeros(max_num_reqs, dtype=torch.int32)
+        self.req_states = SimpleNamespace(
+            device=torch.device(chk.device), max_num_reqs=max_num_reqs, vocab_size=vocab,
+            prompt_len=SimpleNamespace(gpu=self.prompt_len.to(chk.device)),
+            prefill_len=SimpleNamespace(gpu=self.prefill_len.to(chk.device)))
+        config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=max_model_len))
+        self.proc = EntropyProcessorV2(config, self.req_states)
+        self.free = list(range(max_num_reqs))
+        self.needs = [False] * max_num_reqs
+        self.expected: dict[str, dict[int, float]] = {}
+        self.rng = random.Random(0)
+
+    def add(self, *reqs: Req) -> None:
+        for req in reqs:
+            req.slot = self.free.pop()
+            req.prefill_len = req.prompt_len + len(req.out)  # resumed: prompt + output so far
+            req.num_computed = 0
+            self.prompt_len[req.slot] = req.prompt_len
+            self.prefill_len[req.slot] = req.prefill_len
+            self.needs[req.slot] = self.proc.add_request(req.slot, req.params)
+        self.req_states.prompt_len.gpu = self.prompt_len.to(self.chk.device)
+        self.req_states.prefill_len.gpu = self.prefill_len.to(self.chk.device)
+        self.proc.apply_staged_writes()
+
+    def remove(self, *reqs: Req) -> None:  # finished or preempted: no processor hook
+        for req in reqs:
+            self.free.append(req.slot)
+            req.slot = None
+
+    def step(self, scheduled: list[tuple[Req, int]], drafts: dict | None = None,
+             pad_slots: tuple[int, ...] = (), sync_free: bool = False) -> None:
+        """scheduled: (request, tokens fed). drafts: {request: (drafted, accepted)} adds
+        one row per draft token; `accepted` of them are kept, the tail is rejected."""
+        drafts = drafts or {}
+        rows: list[tuple[Req | None, int]] = []  # (request, position) per logits row
+        for req, n in scheduled:
+            pos = req.num_computed + n - 1
+            rows += [(req, pos + i) for i in range(1 + drafts.get(req, (0, 0))[0])]
+        rows += [(None, slot) for slot in pad_slots]
+        self.rng.shuffle(rows)
+        slots = [req.slot if req else slot for req, slot in rows]
+        pos = [p if req else 0 for req, p in rows]
+        logits = self.chk.randn(len(rows), self.vocab) * 3  # [rows, vocab] f32
+        ctx = SimpleNamespace(expanded_idx_mapping=self._upload(slots, torch.int32),
+                              pos=self._upload(pos, torch.int64))
+        if any(self.needs[req.slot] for req, _ in rows if req):
+            self.proc.apply(logits, ctx)
+        if sync_free:
+            return
+        h = entropy_torch(logits).tolist()
+        for (req, p), value in zip(rows, h, strict=True):
+            out_pos = p + 1 - req.prompt_len if req else -1
+            if req and req.key and p + 1 >= req.prefill_len and 0 <= out_pos:
+                self.expected.setdefault(req.key, {})[out_pos] = value
+        for req, n in scheduled:
+            req.num_computed += n
+            total = req.prompt_len + len(req.out)
+            if req.num_computed >= total:  # every known token fed: it sampled
+                _, accepted = drafts.get(req, (0, 0))
+                req.out += [1] * (1 + accepted)
+                req.num_computed = req.prompt_len + len(req.out) - 1
+
+    def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """As the runner uploads its per-step tensors: pinned host memory, async copy."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.chk.device == "cuda":
+            host = host.pin_memory()
+        return host.to(self.chk.device, non_blocking=True)
+
+    def check(self, reqs: list[Req]) -> float:
+        keyed = [r for r in reqs if r.key]
+        got = self.proc.store.fetch([(r.key, len(r.out)) for r in keyed])
+        worst = 0.0
+        for r in keyed:
+            want = [self.expected.get(r.key, {}).get(i, math.nan) for i in range(len(r.out))]
+            values = got[r.key]
+            if values is None or len(values) != len(want):
+                return math.inf
+            for g, w in zip(values, want, strict=True):
+                if math.isnan(w) or math.isnan(g):
+                    return math.inf  # every position of a keyed request must be written
+                worst = max(worst, abs(g - w))
+        return worst
+
+
+def section_replay_v2(chk: Check) -> tuple[bool, str, dict]:
+    vocab = chk.vocabs[0]
+    run = V2Replay(chk, max_num_reqs=6, vocab=vocab)
+    a, b, c = Req("A", "a", 6), Req("B", "b", 3), Req("N", None, 4)  # N: keyless
+    run.add(a, b, c)
+    unused = run.free[0]
+    run.step([(a, 6), (b, 3), (c, 4)], pad_slots=(unused,))  # prefill, reordered, padded
+    for _ in range(3):
+        run.step([(a, 1), (b, 1), (c, 1)])
+    d = Req("D", "d", 10)  # chunked prefill: 4 + 4 + 2 tokens, samples on the last chunk
+    run.add(d)
+    run.step([(a, 1), (b, 1), (d, 4)])
+    run.step([(a, 1), (b, 1), (d, 4)])
+    run.step([(a, 1), (b, 1), (d, 2)])
+    # speculative decoding: A drafts 3 tokens and keeps 1, B drafts 2 and keeps 2
+    run.step([(a, 1), (b, 1), (d, 1)], drafts={a: (3, 1), b: (2, 2)})
+    run.step([(a, 1), (b, 1), (d, 1)], drafts={a: (2, 0)})
+    # preemption: A leaves (slot freed, no hook); E takes the slot; A resumes elsewhere
+    run.remove(a)
+    e = Req("E", "e", 2)
+    run.add(e)
+    run.step([(b, 1), (d, 1), (e, 2)])
+    run.add(a)  # re-prefill of prompt + output so far, in chunks that must not write
+    half = a.prefill_len // 2
+    run.step([(a, half), (b, 1), (d, 1), (e, 1)])
+    run.step([(a, a.prefill_len - half), (b, 1), (d, 1), (e, 1)])
+    for _ in range(3):
+        run.step([(a, 1), (b, 1), (d, 1), (e, 1)], pad_slots=(run.free[0],) if run.free else ())
+    err = run.check([a, b, d, e])
+    lengths = {r.name: len(r.out) for r in (a, b, d, e)}
+    return err <= TOL, f"fetch vs entropy_torch max err {err:.1e}; output lengths {lengths}", {
+        "err": err, "lengths": lengths}
+
+
+def copy_bandwidth(chk: Check, nbytes: int) -> float:
+    """Bytes per second moved (read + write) by a device-to-device copy."""
+    src = chk.randn(nbytes // 4)
     dst = torch.empty_like(src)
-    ms = cuda_time_ms(dst.copy_, [src], iters, warmup=3)
+    ms = time_ms(chk, lambda s: dst.copy_(s), src, 10)
     return 2 * nbytes / (ms * 1e-3)
+
+
+def section_floor(chk: Check) -> tuple[bool, str, dict]:
+    rows, vocab = (256, 152_064) if not chk.dry else (8, 3001)
+    bw = copy_bandwidth(chk, (1 << 30) if not chk.dry else (1 << 22))
+    out = {"copy_bandwidth_GBps": bw / 1e9}
+    parts = [f"copy {bw / 1e9:.0f} GB/s"]
+    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = make_logits(chk, rows, vocab, dtype)
+        k_ms = time_ms(chk, entropy_triton.entropy_triton, x, 3 if chk.dry else chk.iters)
+        t_ms = time_ms(chk, entropy_torch, x, 2 if chk.dry else max(3, chk.iters // 4))
+        floor_ms = x.numel() * x.element_size() / bw * 1e3
+        out[dname] = {"kernel_ms": k_ms, "torch_ms": t_ms, "floor_ms": floor_ms,
+                      "kernel_over_floor": k_ms / floor_ms, "torch_over_kernel": t_ms / k_ms}
+        parts.append(f"{dname} [{rows}, {vocab}]: kernel {k_ms * 1e3:.0f} us, torch "
+                     f"{t_ms * 1e3:.0f} us, floor {floor_ms * 1e3:.0f} us "
+                     f"(kernel/floor {k_ms / floor_ms:.2f})")
+    return True, "; ".join(parts), out
+
+
+SECTIONS = [("accuracy", section_accuracy), ("edges", section_edges),
+            ("layouts", section_layouts), ("huge", section_huge), ("nosync", section_nosync),
+            ("compile", section_compile), ("replay_v2", section_replay_v2),
+            ("floor", section_floor)]
+# Seconds a section needs at least on the GPU; fewer left: skipped, reported as such.
+MIN_SECONDS = {"accuracy": 40, "huge": 30, "compile": 40, "floor": 15}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vocab", type=int, default=152_064)
-    ap.add_argument("--batches", default="1,8,64,256,1024")
-    ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--tol", type=float, default=1e-4, help="max abs error (nats) vs float64")
-    ap.add_argument("--copy-mib", type=int, default=1024)
-    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run on the CPU under Triton's interpreter with small sizes")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="global time budget")
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    ap.add_argument("--only", default="", help="comma-separated section names")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    vllm_loaded = any(name == "vllm" or name.startswith("vllm.") for name in sys.modules)
-    if not torch.cuda.is_available():
-        print("gpucheck: CUDA is not available", file=sys.stderr)
-        print(json.dumps({"gpucheck": {"ok": False, "error": "no cuda"}}))
+    if not args.dry_run and not (torch.cuda.is_available() and entropy_triton.AVAILABLE):
+        why = "no CUDA" if not torch.cuda.is_available() else "Triton not importable"
+        print(f"gpucheck: {why}; use --dry-run on a machine without a GPU", file=sys.stderr)
+        print(json.dumps({"gpucheck": {"ok": False, "error": why}}))
         return 2
-    if not entropy_triton.AVAILABLE:
-        print("gpucheck: Triton is not importable", file=sys.stderr)
-        print(json.dumps({"gpucheck": {"ok": False, "error": "no triton"}}))
-        return 2
-
-    t_start = time.perf_counter()
-    props = torch.cuda.get_device_properties(0)
-    batches = [int(b) for b in args.batches.split(",") if b]
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
+    started = time.monotonic()
+    chk = Check(args)
+    device = "cpu (Triton interpreter)" if chk.dry else torch.cuda.get_device_name(0)
     try:
         import triton
 
         triton_version = triton.__version__
-    except Exception:  # noqa: BLE001  # pragma: no cover
+    except Exception:  # noqa: BLE001 - reported, not needed
         triton_version = "?"
-    print(
-        f"device {props.name}, torch {torch.__version__}, triton {triton_version}, "
-        f"vllm imported: {vllm_loaded}"
-    )
+    print(f"gpucheck on {device}: torch {torch.__version__}, triton {triton_version}", flush=True)
+    wanted = {s for s in args.only.split(",") if s}
+    for name, fn in SECTIONS:
+        if wanted and name not in wanted:
+            continue
+        need = 5 if chk.dry else MIN_SECONDS.get(name, 10)
+        t0 = time.monotonic()
+        if chk.left() < need:
+            result = {"section": name, "status": "skipped", "summary": "time budget spent"}
+        else:
+            try:
+                ok, summary, detail = fn(chk)
+                status = "skipped" if detail.get("skipped") else "pass" if ok else "FAIL"
+                result = {"section": name, "status": status, "summary": summary, **detail}
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next section
+                result = {"section": name, "status": "ERROR",
+                          "summary": f"{type(exc).__name__}: {exc}"[:600],
+                          "traceback": traceback.format_exc()[-2000:]}
+            finally:
+                if chk.device == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+                    torch.cuda.empty_cache()
+        result["seconds"] = round(time.monotonic() - t0, 2)
+        chk.sections.append(result)
+        print(f"[{result['status']}] {name} ({result['seconds']} s): {result['summary']}",
+              flush=True)
 
-    bw = copy_bandwidth(args.copy_mib << 20, iters=max(args.iters, 10))
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write of a {args.copy_mib} MiB copy)")
-
-    results = []
-    ok = True
-    header = (
-        f"{'dtype':>5} {'batch':>6} {'MB':>8} {'floor_us':>9} {'kernel_us':>10} "
-        f"{'torch_us':>9} {'k/floor':>8} {'torch/k':>8} {'err_kernel':>11} {'err_torch':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        for batch in batches:
-            logits = make_logits(batch, args.vocab, dtype, gen)
-            ref = reference_f64(logits)
-            got = entropy_triton.entropy_triton(logits)
-            torch_h = entropy_torch(logits)
-            finite = torch.isfinite(ref)
-            err_k = (got.double() - ref)[finite].abs().max().item()
-            err_t = (torch_h.double() - ref)[finite].abs().max().item()
-            nan_ok = bool(torch.isfinite(got).eq(finite).all().item())
-            passed = err_k <= args.tol and nan_ok
-            ok &= passed
-            del ref, torch_h
-            inputs = l2_busting_copies(logits)
-            k_ms = cuda_time_ms(entropy_triton.entropy_triton, inputs, args.iters, args.warmup)
-            t_ms = cuda_time_ms(entropy_torch, inputs[:8], max(3, args.iters // 4), 2)
-            del inputs
-            nbytes = logits.numel() * logits.element_size()
-            floor_ms = nbytes / bw * 1e3
-            row = {
-                "dtype": dname,
-                "batch": batch,
-                "bytes": nbytes,
-                "floor_us": floor_ms * 1e3,
-                "kernel_us": k_ms * 1e3,
-                "torch_us": t_ms * 1e3,
-                "kernel_over_floor": k_ms / floor_ms,
-                "torch_over_kernel": t_ms / k_ms,
-                "max_abs_err_kernel": err_k,
-                "max_abs_err_torch": err_t,
-                "pass": passed,
-            }
-            results.append(row)
-            print(
-                f"{dname:>5} {batch:>6} {nbytes / 1e6:>8.1f} {row['floor_us']:>9.1f} "
-                f"{row['kernel_us']:>10.1f} {row['torch_us']:>9.1f} "
-                f"{row['kernel_over_floor']:>8.2f} {row['torch_over_kernel']:>8.2f} "
-                f"{err_k:>11.2e} {err_t:>10.2e}{'' if passed else '  FAIL'}"
-            )
-            del logits
-            torch.cuda.empty_cache()
-
-    # Layouts and dtypes the table does not cover: non-contiguous rows, fp16.
-    extra = {}
-    wide = torch.randn(16, args.vocab + 136, device=DEVICE, generator=gen) * 4
-    view = wide[:, 72 : 72 + args.vocab]  # row stride != vocab, unaligned start
-    extra["noncontiguous_err"] = (
-        (entropy_triton.entropy_triton(view).double() - reference_f64(view)).abs().max().item()
-    )
-    half = make_logits(64, args.vocab, torch.float16, gen)
-    ref = reference_f64(half)
-    fin = torch.isfinite(ref)
-    extra["fp16_err"] = (entropy_triton.entropy_triton(half).double() - ref)[fin].abs().max().item()
-    for name, err in extra.items():
-        good = err <= args.tol
-        ok &= good
-        print(f"{name}: {err:.2e}{'' if good else '  FAIL'}")
-    del wide, view, half, ref
-
-    sweep = []
-    if not args.no_sweep:
-        batch = max(batches)
-        for dname in dtypes:
-            logits = make_logits(batch, args.vocab, DTYPES[dname], gen)
-            nbytes = logits.numel() * logits.element_size()
-            floor_ms = nbytes / bw * 1e3
-            inputs = l2_busting_copies(logits)
-            for block, warps in SWEEP:
-
-                def run(x, block=block, warps=warps):
-                    return entropy_triton.entropy_triton(x, block_size=block, num_warps=warps)
-
-                ms = cuda_time_ms(run, inputs, args.iters, args.warmup)
-                sweep.append(
-                    {
-                        "dtype": dname,
-                        "batch": batch,
-                        "block_size": block,
-                        "num_warps": warps,
-                        "kernel_us": ms * 1e3,
-                        "kernel_over_floor": ms / floor_ms,
-                    }
-                )
-            del logits, inputs
-            torch.cuda.empty_cache()
-        print(
-            f"launch-config sweep at batch {batch} (default block "
-            f"{entropy_triton.DEFAULT_BLOCK_SIZE}, warps {entropy_triton.DEFAULT_NUM_WARPS}):"
-        )
-        for s in sweep:
-            print(
-                f"  {s['dtype']:>4} block {s['block_size']:>5} warps {s['num_warps']:>2}: "
-                f"{s['kernel_us']:8.1f} us  k/floor {s['kernel_over_floor']:.2f}"
-            )
-
-    vllm_loaded = any(name == "vllm" or name.startswith("vllm.") for name in sys.modules)
-    elapsed = time.perf_counter() - t_start
-    print(f"{'PASS' if ok else 'FAIL'} in {elapsed:.1f} s")
-    print(
-        json.dumps(
-            {
-                "gpucheck": {
-                    "ok": ok,
-                    "device": props.name,
-                    "torch": torch.__version__,
-                    "triton": triton_version,
-                    "vllm_imported": vllm_loaded,
-                    "vocab": args.vocab,
-                    "tol": args.tol,
-                    "copy_bandwidth_GBps": bw / 1e9,
-                    "results": results,
-                    "extra": extra,
-                    "sweep": sweep,
-                    "seconds": elapsed,
-                }
-            }
-        )
-    )
+    print()
+    print(f"{'section':<10} {'status':<8} {'s':>6}  summary")
+    for r in chk.sections:
+        print(f"{r['section']:<10} {r['status']:<8} {r['seconds']:>6}  {r['summary'][:150]}")
+    ok = all(r["status"] in ("pass", "skipped") for r in chk.sections)
+    vllm_loaded = any(m == "vllm" or m.startswith("vllm.") for m in sys.modules)
+    print(json.dumps({"gpucheck": {
+        "ok": ok, "device": device, "torch": torch.__version__, "triton": triton_version,
+        "vllm_imported": vllm_loaded, "dry_run": chk.dry,
+        "seconds": round(time.monotonic() - started, 1), "sections": chk.sections}}))
     return 0 if ok else 1
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
@@ -43,7 +44,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -51,10 +52,17 @@ class ServerProcess:
         self.stop()
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # `with` does not call __exit__ when __enter__ raises
+            raise
+
+    def _start(self) -> None:
         started = time.perf_counter()
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -69,7 +77,6 @@ class ServerProcess:
             except (httpx.TransportError, ValueError):
                 pass
             time.sleep(1.0)
-        self.stop()
         raise TimeoutError(f"server not ready after {self.timeout:.0f} s:\n{self.tail()}")
 
     def stop(self) -> None:

@@ -1,43 +1,101 @@
-"""Terminal tables for compress responses (rich)."""
+"""Terminal output for compress runs: a progress bar and a table that fits the terminal."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich import box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from stepzip.schemas import compress as schemas
 
+# (header, justify, max width). Rows stay one line: cells are cut with an ellipsis, never
+# wrapped, and to fit the terminal gold, then answer, then id give up width (ids last:
+# they name the row).
+COLUMNS = (("id", "left", 32), ("H", "right", 8), ("variant", "left", 9),
+           ("kept/skip", "right", 9), ("tokens", "right", 11), ("cut", "right", 4),
+           ("answer", "left", 16), ("gold", "left", 16))
+SHRINK_ORDER = (7, 6, 0)  # gold, answer, id
+MIN_TEXT = 6  # narrowest a shrinking column gets
+GAP = 3  # between columns: one space of padding each side and a blank rule
+
+
+def column_widths(rows: list[list[str]], width: int) -> list[int]:
+    """Each column's content width (capped); then text columns shrink, in SHRINK_ORDER,
+    until the table fits `width`."""
+    widths = [min(cap, max([len(header)] + [len(r[i]) for r in rows]))
+              for i, (header, _, cap) in enumerate(COLUMNS)]
+    excess = sum(widths) + GAP * (len(widths) - 1) - width
+    for i in SHRINK_ORDER:
+        cut = max(0, min(excess, widths[i] - MIN_TEXT))
+        widths[i] -= cut
+        excess -= cut
+    return widths
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int,
+                 console: Console | None = None) -> Iterator[Callable[[int, int], None]]:
+    """Yields `update(done, total)`; shows a spinner, done/total and elapsed time on
+    stderr (where it does not mix with --json output) and clears it at the end."""
+    console = console or Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
 
 def print_compress_table(out: schemas.CompressResponse, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=f"stepzip on {out.model} (steps cut at {out.delimiter!r})")
-    for col in ("problem", "steps", "H total", "variant", "kept/skipped", "tokens",
-                "reduction", "answer", "gold", "ok"):
-        table.add_column(col, overflow="fold")
+    if not console.is_terminal:  # logs and pipes: no terminal width to fit, keep rows whole
+        console = Console(width=140, file=console.file)
+    rows: list[list[str]] = []
     for p in out.results:
         for t in p.traces:
-            name = (p.id or "?") + (f"#{t.sample}" if t.sample else "")
-            table.add_row(name, str(len(t.steps)), f"{t.entropy_total:.1f}", "full",
-                          f"{len(t.steps)}/0", str(t.reasoning_tokens), "0%",
-                          _short(t.extracted_answer), _short(p.gold), _mark(t.correct))
+            name = (p.id or "-") + (f"#{t.sample}" if t.sample else "")
+            rows.append([name, f"{t.entropy_total:.1f}", "full", f"{len(t.steps)}/0",
+                         str(t.reasoning_tokens), "0%", _answer(t.extracted_answer, t.correct),
+                         _text(p.gold)])
             for v in t.variants:
                 label = v.strategy + (f" {v.ratio:g}" if v.ratio is not None else "")
-                table.add_row("", "", "", label, f"{len(v.kept_steps)}/{v.n_skipped}",
-                              f"{v.tokens_before}->{v.tokens_after}", f"{v.reduction:.0%}",
-                              _short(v.extracted_answer), "", _mark(v.correct))
+                rows.append(["", "", label, f"{len(v.kept_steps)}/{v.n_skipped}",
+                             f"{v.tokens_before}→{v.tokens_after}", f"{v.reduction:.0%}",
+                             _answer(v.extracted_answer, v.correct), ""])
+    table = Table(title=f"stepzip on {out.model} (steps cut at {out.delimiter!r})",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=(0, 1), pad_edge=False)
+    for (header, justify, _), w in zip(COLUMNS, column_widths(rows, console.width)):
+        table.add_column(header, justify=justify, width=w, no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     u, tm = out.usage, out.timings
     console.print(f"tokens: prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
                   f"answers {u.answer_tokens}; time: generate {tm.generate_s:.2f} s, "
-                  f"entropy fetch {tm.entropy_fetch_s * 1000:.1f} ms, answers {tm.answer_s:.2f} s,"
-                  f" total {tm.total_s:.2f} s")
+                  f"entropy fetch {tm.entropy_fetch_s * 1000:.1f} ms, answers "
+                  f"{tm.answer_s:.2f} s, total {tm.total_s:.2f} s")
 
 
-def _short(value: str | None, width: int = 12) -> str:
-    if value is None:
-        return "-"
-    return value if len(value) <= width else value[: width - 1] + "…"
+def _text(value: str | None) -> str:
+    return "-" if value is None else " ".join(value.split())  # one line
 
 
-def _mark(ok: bool | None) -> str:
-    return "-" if ok is None else ("yes" if ok else "no")
+def _answer(value: str | None, ok: bool | None) -> str:
+    """The answer, its grade first so that cutting a long answer keeps the grade."""
+    mark = "" if ok is None else ("✓ " if ok else "✗ ")
+    return mark + _text(value)

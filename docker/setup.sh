@@ -11,6 +11,20 @@ PY="${PYTHON:-python3}"
 STAMP="$VENV/.stepzip-setup"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/docker/setup.sh" | sha256sum | cut -c1-16)-$EXTRAS"
 
+# The viewer's browser test (dev extra) drives Debian's Chromium through chromedriver.
+# Checked before the stamp: the browser lives outside the venv.
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! { command -v chromium && command -v chromedriver; } \
+    >/dev/null; then
+  if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "stepzip: installing chromium and chromium-driver (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "stepzip: chromium/chromedriver missing and apt-get unusable here; the viewer's" \
+         "browser test (tests/integration/test_viewer.py) will fail" >&2
+  fi
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   echo "stepzip: environment in $VENV is up to date (nothing to do)"
   exit 0

@@ -25,3 +25,13 @@ class Metrics:
                                        "Time to fetch a batch of finished requests' entropies",
                                        registry=self.registry,
                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5))
+
+    def observe_compress(self, response) -> None:
+        """Tokens and per-strategy reductions of one /v1/compress response."""
+        usage = response.usage
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.completion_tokens.inc(usage.completion_tokens + usage.answer_tokens)
+        for problem in response.results:
+            for trace in problem.traces:
+                for v in trace.variants:
+                    self.reduction.labels(v.strategy).observe(v.reduction)

@@ -8,7 +8,7 @@ name, then `STEPZIP_<FIELD>` environment variables, then the defaults here. So
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from stepzip.config import option, unescape
 from stepzip.constants import LINE_DELIMITER, PARAGRAPH_DELIMITER
@@ -41,7 +41,16 @@ class ServerSettings:
         "Tensor-parallel workers (GPU).")
     data_parallel_size: int = option(
         1,
-        "Data-parallel engine replicas.")
+        "Data-parallel engine replicas inside this server (vLLM balances requests over "
+        "them; on the CPU set VLLM_CPU_OMP_THREADS_BIND to one core list per replica, "
+        "'0|1').")
+    pipeline_parallel_size: int = option(
+        1,
+        "Pipeline-parallel stages (GPU).")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = option(
+        None,
+        "vLLM's executor for parallel workers: mp (processes), ray (multi-node; needs "
+        "ray installed), uni; None = vLLM's choice.")
     enforce_eager: bool = option(
         True,
         "Skip torch.compile / CUDA graphs: CPU start-up ~25 s instead of ~115 s.")
@@ -88,6 +97,32 @@ class ServerSettings:
     weights_root: str | None = option(
         None,
         "Checkpoint folders for /v1/weights/load must lie under this folder.")
+    max_pending_requests: int = option(
+        1024,
+        "Engine requests admitted at once (running + queued; a request with n samples and "
+        "answer variants counts each); past it requests get 429 with Retry-After at once "
+        "instead of queueing without bound.")
+    max_body_bytes: int = option(
+        8 * 2**20,
+        "Largest request body; larger ones get 413 before any of it is parsed.")
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs", "processed_logits",
+                           "raw_logits"] = option(
+        "processed_logprobs",
+        "What `logprobs` report (vLLM's --logprobs-mode): `processed_logprobs` = after "
+        "temperature, penalties and top-k/top-p, as TRL 1.16's own `vllm_serve` starts vLLM "
+        "(the trainer's importance sampling expects these); `raw_logprobs` = vLLM's default.")
+    max_logprobs: int = option(
+        20,
+        "Most logprobs per token a request may ask for (vLLM's --max-logprobs; -1 = the "
+        "vocabulary, as TRL's `vllm_serve` sets it).")
+    reasoning_parser: str | None = option(
+        None,
+        "vLLM reasoning parser (e.g. deepseek_r1, qwen3): chat responses then carry the "
+        "reasoning in `message.reasoning`, as `vllm serve --reasoning-parser` returns it.")
+    trust_request_chat_template: bool = option(
+        False,
+        "Accept `chat_template` in chat requests (vLLM's --trust-request-chat-template); "
+        "off, such requests get 400: a template is code run on the server.")
     extra_engine_args: dict = option(
         default_factory=dict, flag=False,
         help="Passed through to vLLM's AsyncEngineArgs (`--engine-arg KEY=JSON`).")

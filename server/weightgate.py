@@ -77,7 +77,16 @@ class HeldUpdate:
                     pass
 
         self._task = asyncio.create_task(hold())
-        await acquired.wait()
+        try:
+            await acquired.wait()
+        except BaseException:  # the caller gave up waiting: never take the gate later
+            self._task.cancel()
+            self._task = None
+            raise
+
+    @property
+    def held(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
         if self._task is not None:

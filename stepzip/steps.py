@@ -7,6 +7,11 @@ Reasoning span (``reasoning_span``):
 * The reasoning starts just after the first ``think_open`` tag when the text has one
   (before ``think_close``, if that is present), else at 0.
 * When ``think_close`` occurs, the reasoning ends at its first occurrence (exclusive).
+* A thinking model's trace that never closed (cut off by ``max_tokens``) is reasoning to
+  its end: the model is thinking when the caller says so (``thinking=True``: its prompt
+  opened the reasoning) or when the text itself holds ``think_open``. Cutting such a
+  trace at an answer-like phrase would keep only the steps before the model's first
+  tentative answer.
 * Otherwise (non-thinking models) the reasoning is everything except a final-answer
   part. That part begins at the start of the line holding the last final-answer marker
   (case-insensitive: ``final answer``, ``the answer is``, ``answer:``, ``\\boxed{``,
@@ -29,8 +34,16 @@ Steps (``split_char_spans`` and ``segment``):
   exactly the characters of its tokens. Only at the reasoning's outer edges, where a
   token may straddle the span's start or end, is a step's text clipped to the span, so
   the steps' texts always concatenate to the reasoning text.
+* Delimiters match line breaks written as ``\r\n`` too, so CRLF text has steps.
 * Step entropy is the sum of its tokens' entropies (the paper's definition); the mean
   and max are kept too.
+
+Step score (``Step.score``, what pruning ranks by; ``STEP_SCORES``):
+
+* ``sum``: the sum of the step's token entropies (the paper's equation; the default).
+* ``mean``: their mean.
+* ``sampled``: the mean over the step's tokens of -p*log p of the sampled token, p from
+  its logprob (the paper's released code).
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ from dataclasses import dataclass
 from stepzip.constants import PARAGRAPH_DELIMITER, THINK_CLOSE, THINK_OPEN
 
 DEFAULT_DELIMITER = PARAGRAPH_DELIMITER
+
+STEP_SCORES = ("sum", "mean", "sampled")
 
 _ANSWER_MARKER = re.compile(r"final answer|the answer is|answer:|\\boxed\{|####", re.IGNORECASE)
 
@@ -62,6 +77,7 @@ class Step:
     entropy_sum: float
     entropy_mean: float
     entropy_max: float
+    score: float | None = None  # what pruning ranks by; None means entropy_sum
 
     @property
     def n_tokens(self) -> int:
@@ -69,7 +85,11 @@ class Step:
 
 
 def reasoning_span(
-    text: str, *, think_open: str = THINK_OPEN, think_close: str = THINK_CLOSE
+    text: str,
+    *,
+    think_open: str = THINK_OPEN,
+    think_close: str = THINK_CLOSE,
+    thinking: bool = False,
 ) -> tuple[int, int]:
     """Return the [start, end) character range of the reasoning in a completion.
 
@@ -85,6 +105,8 @@ def reasoning_span(
     start = opened + len(think_open) if opened >= 0 else 0
     if close >= 0:
         return start, close
+    if thinking or opened >= 0:
+        return start, len(text)
     return start, _answer_line_start(text, start)
 
 
@@ -111,11 +133,18 @@ def token_char_offsets(pieces: Sequence[str]) -> list[tuple[int, int]]:
     return offsets
 
 
+def _line_break_tolerant(piece: str) -> str:
+    """Regex for ``piece`` where every ``\\n`` also matches a CRLF line break."""
+    return "\\r?\\n".join(re.escape(part) for part in piece.split("\n"))
+
+
 def delimiter_run_pattern(delimiter: str) -> re.Pattern[str]:
     """Regex for a maximal delimiter run, including a trailing partial delimiter."""
-    partials = "|".join(re.escape(delimiter[:size]) for size in range(len(delimiter) - 1, 0, -1))
+    partials = "|".join(
+        _line_break_tolerant(delimiter[:size]) for size in range(len(delimiter) - 1, 0, -1)
+    )
     tail = f"(?:{partials})?" if partials else ""
-    return re.compile(f"(?:{re.escape(delimiter)})+{tail}")
+    return re.compile(f"(?:{_line_break_tolerant(delimiter)})+{tail}")
 
 
 def _check_delimiter(delimiter: str) -> None:
@@ -250,6 +279,43 @@ def _step_stats(
     return total, total / len(values), max(values)
 
 
+def sampled_token_score(logprob: float) -> float:
+    """-p*log p of a sampled token from its logprob (0 for p = 0, the limit)."""
+    if logprob == -math.inf:
+        return 0.0
+    return -math.exp(logprob) * logprob
+
+
+def token_scores(
+    score: str,
+    entropies: Sequence[float] | None,
+    sampled_logprobs: Sequence[float] | None,
+    n_tokens: int,
+) -> Sequence[float] | None:
+    """Per-token values a step score is built from (entropies, or -p*log p for sampled)."""
+    if score not in STEP_SCORES:
+        raise ValueError(f"score {score!r} is not one of {STEP_SCORES}")
+    if score != "sampled":
+        return entropies
+    if sampled_logprobs is None:
+        raise ValueError("sampled_logprobs are required for score 'sampled'")
+    if len(sampled_logprobs) != n_tokens:
+        raise ValueError(
+            f"sampled_logprobs has {len(sampled_logprobs)} values for {n_tokens} tokens"
+        )
+    if any(math.isnan(value) or value > 0.0 for value in sampled_logprobs):
+        raise ValueError("sampled_logprobs must be logprobs (<= 0, not NaN)")
+    return [sampled_token_score(value) for value in sampled_logprobs]
+
+
+def _step_score(score: str, values: Sequence[float] | None, first: int, last: int) -> float:
+    """Sum (``sum``) or mean (``mean``, ``sampled``) of a step's token values."""
+    if values is None or first == last:
+        return 0.0
+    total = math.fsum(values[first:last])
+    return total if score == "sum" else total / (last - first)
+
+
 def segment(
     text: str,
     token_offsets: Sequence[tuple[int, int]],
@@ -257,20 +323,25 @@ def segment(
     *,
     delimiter: str = DEFAULT_DELIMITER,
     span: tuple[int, int] | None = None,
+    thinking: bool = False,
+    score: str = "sum",
+    sampled_logprobs: Sequence[float] | None = None,
 ) -> list[Step]:
     """Cut the reasoning of a completion into steps that agree with its tokens.
 
     ``token_offsets`` are the completion tokens' character ranges (see
     ``token_char_offsets``); ``entropies`` holds one value per token, or None when
     there are none (statistics are then 0.0). ``span`` defaults to
-    ``reasoning_span(text)``.
+    ``reasoning_span(text, thinking=thinking)``. ``score`` picks ``Step.score`` (one of
+    STEP_SCORES); ``sampled`` needs ``sampled_logprobs``, the logprob of each sampled token.
     """
     if not text:
         raise ValueError("text must be non-empty")
     _check_delimiter(delimiter)
     _check_token_offsets(text, token_offsets)
     _check_entropies(entropies, token_offsets)
-    start, end = reasoning_span(text) if span is None else span
+    values = token_scores(score, entropies, sampled_logprobs, len(token_offsets))
+    start, end = reasoning_span(text, thinking=thinking) if span is None else span
     _check_span(text, (start, end))
     char_spans = split_char_spans(text, start, end, delimiter)
     if not char_spans:
@@ -297,6 +368,7 @@ def segment(
                 entropy_sum=total,
                 entropy_mean=mean,
                 entropy_max=peak,
+                score=_step_score(score, values, token_start, token_end),
             )
         )
     return steps

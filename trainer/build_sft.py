@@ -43,8 +43,6 @@ from stepzip.constants import ANSWER_CUE as PLAIN_ANSWER_CUE
 from stepzip.constants import THINK_CLOSE, THINK_OPEN
 from trainer.config import BuildSftConfig, unescape
 
-
-
 # ---- pure pieces -------------------------------------------------------------------------
 
 
@@ -85,6 +83,10 @@ def pairs_from_result(result: dict[str, Any], cfg: BuildSftConfig, delimiter: st
         if cfg.keep == "correct" and not variant.get("correct"):
             reasons.append("incorrect")
             continue
+        if cfg.answer_from == "model" and variant.get("answer_finish_reason") == "length":
+            # The answer ran out of tokens: a cut-off answer must not become a target.
+            reasons.append("answer-cut-off")
+            continue
         answer = answer_line(variant.get("answer_text"), thinking=thinking,
                              gold=result.get("gold"), answer_from=cfg.answer_from)
         if answer is None:
@@ -116,6 +118,19 @@ def pairs_from_result(result: dict[str, Any], cfg: BuildSftConfig, delimiter: st
             "thinking": thinking,
         })
     return rows, (None if rows else ",".join(sorted(set(reasons))) or "empty")
+
+
+def within_length(rows: Sequence[dict], count_tokens: Callable[[str], int],
+                  max_length: int) -> tuple[list[dict], int]:
+    """(rows whose prompt + completion + EOS fit ``max_length`` tokens, number dropped).
+
+    Over-long pairs are dropped, not truncated: truncation would cut ``</think>``, the
+    answer and EOS off the target (the paper drops traces over 4,096 tokens).
+    """
+    # Counted part by part, as TRL tokenizes a prompt-completion pair.
+    kept = [r for r in rows
+            if count_tokens(r["prompt"]) + count_tokens(r["completion"]) + 1 <= max_length]
+    return kept, len(rows) - len(kept)
 
 
 # ---- the append-only store ---------------------------------------------------------------
@@ -233,12 +248,27 @@ def compress_request(problems: Sequence[Any], cfg: BuildSftConfig) -> Any:
         prompt_template=cfg.prompt_template, system=cfg.system)
 
 
+def score_request(problems: Sequence[Any], reasoning_by_id: dict[str, str],
+                  cfg: BuildSftConfig) -> Any:
+    """The ScoreRequest for one batch of problems whose reasoning exists (--traces)."""
+    from stepzip.schemas import compress, score
+
+    return score.ScoreRequest(
+        pairs=[score.Pair(problem=p.question, reasoning=reasoning_by_id[p.id], id=p.id,
+                          answer=p.answer) for p in problems],
+        variants=[compress.VariantSpec(strategy=cfg.strategy, ratio=cfg.ratio)],
+        answer=True, answer_max_tokens=cfg.answer_max_tokens,
+        delimiter=unescape(cfg.delimiter), marker=cfg.marker,
+        prompt_template=cfg.prompt_template, system=cfg.system)
+
+
 def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any] | None = None,
               log: Callable[[str], None] = print) -> BuildSftStats:
     """Run (or resume) the build; returns the counts. `client` is a StepzipClient
-    (made from cfg.url when None); `problems` overrides the dataset."""
+    (made from cfg.url when None); `problems` overrides the dataset. With cfg.traces the
+    server scores the given reasoning instead of generating it."""
     from clients.client import StepzipClient, StepzipError
-    from stepzip.data import load_problems
+    from stepzip.data import load_problems, load_traces
 
     started = time.perf_counter()
     output = Path(cfg.output)
@@ -248,6 +278,11 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
     if stats.repaired_bytes:
         log(f"cut a torn last line ({stats.repaired_bytes} bytes) left by an interrupted run")
 
+    reasoning_by_id: dict[str, str] = {}
+    if problems is None and cfg.traces:
+        traces = load_traces(cfg.traces, limit=cfg.limit)
+        problems = [t.problem for t in traces]
+        reasoning_by_id = {t.problem.id: t.reasoning for t in traces}
     if problems is None:
         problems = load_problems(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset)
     by_id = {p.id: p for p in problems}
@@ -268,10 +303,13 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
     bar = _progress(len(todo), cfg.progress)
 
     def work(batch: list) -> dict:
-        request = compress_request(batch, cfg)
+        if reasoning_by_id:  # same response shape: the rest of the build is unchanged
+            request, send = score_request(batch, reasoning_by_id, cfg), client.score_request
+        else:
+            request, send = compress_request(batch, cfg), client.compress_request
         for attempt in range(cfg.retries + 1):
             try:
-                return client.compress_request(request).model_dump(mode="json")
+                return send(request).model_dump(mode="json")
             except StepzipError as exc:
                 if exc.status < 500 or attempt == cfg.retries:
                     raise
@@ -304,6 +342,9 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
         stats.dropped += len(new_dropped)
         bar.update(len(batch))
         bar.set_postfix(kept=stats.kept, dropped=stats.dropped)
+        if not cfg.progress:  # no bar: one line per batch, so a long build is never silent
+            log(f"build-sft: {stats.processed}/{len(todo)} problems compressed, {stats.kept} "
+                f"kept ({time.perf_counter() - started:.0f} s)")
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
@@ -363,20 +404,8 @@ def _is_transport_error(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kw: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled or total == 0:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="problem", desc="build-sft", file=sys.stderr)
+    return tqdm(total=total, unit="problem", desc="build-sft", file=sys.stderr,
+                disable=not enabled or total == 0)

@@ -4,9 +4,10 @@
     stepzip train sft --data pairs.jsonl --output-dir M       SFT with [SKIP] added
     stepzip serve --model M --enable-weight-routes --weights-root R    (the rollout server)
     stepzip train grpo --model M --url U --output-dir R       GRPO, weights pushed each step
-    stepzip train pipeline --tiny --output-dir RUN            all three, servers started here
+    stepzip train pipeline --preset cpu-demo --output-dir RUN all three, servers started here
 
-`--tiny` on any stage selects the CPU preset (explicit flags still win).
+`--preset tiny|cpu-demo` on any stage selects a preset (explicit flags still win);
+`--tiny` is short for `--preset tiny`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from trainer.config import BuildSftConfig, GrpoRunConfig, SftRunConfig, add_flags, from_args
+from trainer.config import (
+    BuildSftConfig,
+    GrpoRunConfig,
+    SftRunConfig,
+    add_flags,
+    add_preset_flags,
+    from_args,
+    preset_name,
+)
 
 
 def add_parser(sub) -> None:
@@ -45,14 +53,27 @@ def add_parser(sub) -> None:
                              "servers itself (one at a time)")
     pipe.add_argument("--output-dir", type=Path, required=True, help="run folder")
     pipe.add_argument("--model", default="default", help="base model (default: embedded)")
-    pipe.add_argument("--tiny", action="store_true", help="the tiny CPU preset")
-    pipe.add_argument("--dataset", default="gsm8k")
+    add_preset_flags(pipe)
+    pipe.add_argument("--dataset", default=None,
+                      help="gsm8k, math500, svamp or a .jsonl (default: the preset's, else gsm8k)")
     pipe.add_argument("--limit", type=int, default=None, help="problems per stage")
+    pipe.add_argument("--port", type=int, default=None,
+                      help="port of the servers the pipeline starts, one after the other "
+                           "(default: a free one)")
+    pipe.add_argument("--build-sft-url", default=None,
+                      help="use this server on the base model for build-sft instead of "
+                           "starting one")
+    pipe.add_argument("--grpo-url", default=None,
+                      help="use this server for GRPO instead of starting one (it must serve "
+                           "<output-dir>/sft with --enable-weight-routes --weights-root "
+                           "<output-dir>/grpo; the pipeline waits for it)")
     pipe.add_argument("--server-dtype", default="float32",
                       help="--dtype of the servers (float32 keeps synced fp32 weights exact)")
-    pipe.add_argument("--max-model-len", type=int, default=1024)
+    pipe.add_argument("--max-model-len", type=int, default=1024,
+                      help="--max-model-len of the servers")
     pipe.add_argument("--server-arg", action="append", default=[],
-                      help="extra `stepzip serve` argument (repeat; e.g. --server-arg=--kv-cache-gib=1)")
+                      help="extra `stepzip serve` argument (repeat; e.g. "
+                           "--server-arg=--kv-cache-gib=1; the port is --port)")
     pipe.set_defaults(func=cmd_pipeline)
 
 
@@ -78,85 +99,19 @@ def cmd_grpo(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    result = run_pipeline(args.output_dir, model=args.model, tiny=args.tiny,
+    from trainer.pipeline import run_pipeline
+
+    result = run_pipeline(args.output_dir, model=args.model, preset=preset_name(args),
                           dataset=args.dataset, limit=args.limit,
                           server_dtype=args.server_dtype, max_model_len=args.max_model_len,
-                          server_args=args.server_arg)
-    print(json.dumps(result["seconds"], indent=2))
+                          port=args.port, build_sft_url=args.build_sft_url,
+                          grpo_url=args.grpo_url, server_args=args.server_arg)
+    print(json.dumps({"seconds": result["seconds"], "probes": {
+        k: {kk: vv for kk, vv in v.items() if kk != "example"}
+        for k, v in result["probes"].items()},
+        "first_and_last_grpo_step": result["grpo"]["first_and_last"],
+        "disk_bytes": result["disk_bytes"]}, indent=2))
     return 0
-
-
-# TRL sets VLLM_LOGGING_LEVEL=ERROR in the importing process; servers started from here
-# would inherit it and log nothing useful.
-SERVER_ENV = {"VLLM_LOGGING_LEVEL": "INFO"}
-
-
-def serve_argv(model: str, *, dtype: str, max_model_len: int, weights_root: Path | None,
-               delimiter: str | None = None, extra: list[str] | None = None) -> list[str]:
-    argv = ["serve", "--model", model, "--dtype", dtype, "--max-model-len", str(max_model_len)]
-    if delimiter is not None:
-        argv += ["--step-delimiter", delimiter.encode("unicode_escape").decode()]
-    if weights_root is not None:
-        argv += ["--enable-weight-routes", "--weights-root", str(weights_root)]
-    return argv + list(extra or [])
-
-
-def run_pipeline(run_dir: Path, *, model: str = "default", tiny: bool = False,
-                 dataset: str = "gsm8k", limit: int | None = None,
-                 server_dtype: str = "float32", max_model_len: int = 1024,
-                 server_args: list[str] | None = None) -> dict:
-    """build-sft (server on the base model) -> sft -> grpo (server on the SFT folder)."""
-    from clients.launcher import ServerProcess
-    from trainer.build_sft import build_sft
-    from trainer.config import TINY
-    from trainer.grpo import run_grpo
-    from trainer.modeling import resolve_model
-    from trainer.sft import run_sft
-
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    extra = {"dataset": dataset, **({"limit": limit} if limit is not None else {})}
-    base = resolve_model(model)
-
-    def cfg(cls, **over):
-        values = {**(TINY[cls] if tiny else {}), **over}
-        return cls(**values)
-
-    t = time.perf_counter()
-    # `serve --model default` also picks the default model's single-newline delimiter.
-    served = "default" if model in ("default", "", None) else base
-    with ServerProcess(serve_argv(served, dtype=server_dtype, max_model_len=max_model_len,
-                                  weights_root=None, extra=server_args),
-                       env=SERVER_ENV, log_path=run_dir / "server-build-sft.log") as server:
-        seconds["server_start_build_sft"] = server.startup_s or 0.0
-        t1 = time.perf_counter()
-        build_sft(cfg(BuildSftConfig, url=server.url, output=str(run_dir / "sft.jsonl"),
-                      **extra))
-        seconds["build_sft"] = time.perf_counter() - t1
-    seconds["build_sft_total"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sft = run_sft(cfg(SftRunConfig, model=base, data=str(run_dir / "sft.jsonl"),
-                      output_dir=str(run_dir / "sft")))
-    seconds["sft"] = time.perf_counter() - t
-
-    grpo_dir = run_dir / "grpo"
-    grpo_dir.mkdir(exist_ok=True)
-    t = time.perf_counter()
-    with ServerProcess(serve_argv(str(run_dir / "sft"), dtype=server_dtype,
-                                  max_model_len=max_model_len, weights_root=grpo_dir,
-                                  delimiter=sft.get("delimiter"), extra=server_args),
-                       env=SERVER_ENV, log_path=run_dir / "server-grpo.log") as server:
-        seconds["server_start_grpo"] = server.startup_s or 0.0
-        t1 = time.perf_counter()
-        grpo = run_grpo(cfg(GrpoRunConfig, model=str(run_dir / "sft"), url=server.url,
-                            output_dir=str(grpo_dir), **extra))
-        seconds["grpo"] = time.perf_counter() - t1
-        seconds.update({f"grpo_{k}": v for k, v in grpo["time_split"].items()})
-    seconds["grpo_total"] = time.perf_counter() - t
-    (run_dir / "pipeline_seconds.json").write_text(json.dumps(seconds, indent=2))
-    return {"seconds": seconds, "sft": sft, "grpo": grpo}
 
 
 if __name__ == "__main__":  # pragma: no cover

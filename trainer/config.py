@@ -1,14 +1,26 @@
-"""Configuration of the three training stages, and the tiny CPU preset.
+"""Configuration of the three training stages and their presets.
 
 Each stage is one dataclass (the shared mechanism of `stepzip.config`); every field is a
-`stepzip train <stage>` flag of the same
-name (``max_tokens`` -> ``--max-tokens``; booleans get ``--x/--no-x``), and its help
-text is the field's ``help`` metadata. A value comes from, in order: the flag, the
-``--tiny`` preset (when given), the field default.
+`stepzip train <stage>` flag of the same name (``max_tokens`` -> ``--max-tokens``;
+booleans get ``--x/--no-x``; the nested ``GrpoRunConfig.reward`` gives its own fields'
+flags, e.g. ``--correct-reward``). SFT and GRPO share `TrainingArgs` (optimisation, LoRA,
+checkpoints). A value comes from, in order: the flag, the ``--preset`` (when given), the
+field default.
 
-The tiny preset is the configuration that runs end to end on a 2-core CPU in minutes on
-the embedded SmolLM2-135M: a handful of GSM8K problems, K = 4 completions of 32 tokens,
-2 GRPO steps, fp32. It proves the machinery, not learning.
+Presets (`PRESETS`):
+
+* ``tiny``: runs end to end on a 2-core CPU in minutes on the embedded SmolLM2-135M
+  (4 GSM8K problems, K = 4 completions of 32 tokens, 2 GRPO steps). It proves the
+  machinery, not learning.
+* ``cpu-demo``: learning you can watch on the same CPU in about half an hour (SVAMP's
+  short word problems, SFT until the model writes [SKIP], GRPO with K = 14); the README's
+  training section has its numbers and why each choice.
+
+GRPO objectives (``--objective``, what ``loss_type``/``beta`` mean when left unset):
+``paper`` is plain GRPO (sequence-mean loss ``grpo``, KL to the frozen reference with
+beta 0.04, group-scaled advantages) on a LoRA adapter, so the reference is the base
+weights with the adapter switched off and costs no memory; ``trl`` is TRL's own defaults
+(``dapo`` token-level loss, no KL).
 """
 
 from __future__ import annotations
@@ -25,18 +37,28 @@ from stepzip.rewards import RewardConfig
 
 _f = config.option
 
-
 @dataclass
-class BuildSftConfig:
-    """`stepzip train build-sft`: (problem, compressed CoT) pairs from /v1/compress."""
+class ProblemArgs:
+    """Which problems a stage reads (build-sft and GRPO)."""
 
-    url: str = _f("http://127.0.0.1:8000", "stepzip server to compress with")
-    api_key: str | None = _f(None, "bearer key of the server, when it has one")
-    output: str = _f("sft.jsonl", "JSONL of pairs to write (rerun = resume)")
     dataset: str = _f("gsm8k", "gsm8k, math500, svamp or a .jsonl path")
     split: str = _f("train", "dataset split")
-    limit: int | None = _f(None, "problems to take (default: all)")
-    offset: int = _f(0, "first problem to take")
+    limit: int | None = _f(None, "problems to use (default: all)")
+    offset: int = _f(0, "first problem to use")
+
+
+@dataclass
+class BuildSftConfig(ProblemArgs):
+    """`stepzip train build-sft`: (problem, compressed CoT) pairs from /v1/compress."""
+
+    url: str = _f("http://127.0.0.1:8000", "stepzip server(s) to compress with; several "
+                                           "as a comma-separated list")
+    api_key: str | None = _f(None, "bearer key of the server, when it has one")
+    output: str = _f("sft.jsonl", "JSONL of pairs to write (rerun = resume)")
+    traces: str | None = _f(
+        None, "JSONL of existing traces to score (/v1/score) instead of generating: "
+        "problem (or question), reasoning, optional answer and id per line; the dataset "
+        "flags and sampling settings are then unused")
     batch_size: int = _f(8, "problems per /v1/compress request (<= the server's --max-problems)")
     concurrency: int = _f(2, "requests in flight at once")
     max_tokens: int = _f(512, "reasoning tokens to generate at most")
@@ -64,7 +86,36 @@ class BuildSftConfig:
 
 
 @dataclass
-class SftRunConfig:
+class TrainingArgs:
+    """What SFT and GRPO share: optimisation, LoRA, checkpoints, dtype, threads."""
+
+    learning_rate: float = _f(1e-5, "peak learning rate")
+    lr_scheduler: Literal["linear", "constant", "cosine"] = _f(
+        "linear", "learning-rate schedule (after --warmup-steps)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    max_steps: int = _f(-1, "optimizer steps (-1: run --epochs)")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    lora: bool = _f(True, "train a LoRA adapter (merged into every saved or pushed model)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_target: str = _f("all-linear", "LoRA target modules (comma list or all-linear)")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "training dtype; auto: bf16 on a bf16-capable GPU, else fp32")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    threads: int | None = _f(None, "torch CPU threads of the trainer (default: torch's)")
+    seed: int = _f(0, "seed")
+    logging_steps: int = _f(1, "log every N steps")
+    save_steps: int = _f(10, "checkpoint every N steps (0: no checkpoints)")
+    save_total_limit: int | None = _f(2, "checkpoints kept (the last N)")
+    save_optimizer: bool = _f(
+        False, "also checkpoint the optimizer, LR-scheduler and RNG state (~2x the trainable "
+        "weights in fp32); without it --resume restarts Adam's moments and the LR schedule")
+    resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
+    plot: bool = _f(True, "draw the stage's plots from its metrics JSONL at the end")
+
+
+@dataclass
+class SftRunConfig(TrainingArgs):
     """`stepzip train sft`: TRL SFTTrainer on the compressed pairs."""
 
     model: str = _f("default", "base model: folder, hub id, or 'default' (embedded SmolLM2)")
@@ -77,150 +128,163 @@ class SftRunConfig:
     pad_vocab_multiple: int | None = _f(
         None, "pad the resized embedding to a multiple of this (off by default: padded "
         "rows would be sampleable tokens vLLM cannot detokenize; vLLM pads internally)")
-    max_steps: int = _f(-1, "optimizer steps (-1: run --epochs)")
     epochs: float = _f(1.0, "epochs when --max-steps is -1")
-    learning_rate: float = _f(1e-5, "peak learning rate")
-    warmup_steps: int = _f(0, "linear warm-up steps")
+    learning_rate: float = _f(1e-4, "peak learning rate")
     batch_size: int = _f(4, "sequences per device per micro-step")
     grad_accum: int = _f(4, "micro-steps per optimizer step")
     max_length: int = _f(2048, "tokens per sequence (prompt + completion) at most")
     limit: int | None = _f(None, "use only the first N pairs")
-    lora: bool = _f(False, "train a LoRA adapter (merged into the saved model)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
-    lora_target: str = _f("all-linear", "LoRA target modules (comma list or all-linear)")
-    dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "training dtype; auto: bf16 on a bf16-capable GPU, else fp32")
-    save_dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "dtype of the saved model; auto: the training dtype")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory")
-    seed: int = _f(0, "seed")
-    logging_steps: int = _f(10, "log every N steps")
+    save_dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "dtype of the saved model; auto: the training dtype")
+    logging_steps: int = _f(5, "log every N steps")
     save_steps: int = _f(0, "checkpoint every N steps (0: only the final model)")
-    resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
 
 
 @dataclass
-class GrpoRunConfig:
+class GrpoRunConfig(TrainingArgs, ProblemArgs):
     """`stepzip train grpo`: TRL GRPOTrainer, completions from the stepzip server."""
 
     model: str = _f("sft-model", "policy to start from: the SFT folder the server serves")
-    url: str = _f("http://127.0.0.1:8000", "stepzip server (started on --model with "
-                                           "--enable-weight-routes --weights-root <output-dir>)")
+    url: str = _f("http://127.0.0.1:8000", "stepzip server(s), comma-separated (started on "
+                  "--model with --enable-weight-routes --weights-root <output-dir>)")
     api_key: str | None = _f(None, "bearer key of the server, when it has one")
-    output_dir: str = _f("grpo-run", "run folder: checkpoints, weight syncs, metrics, plot")
+    output_dir: str = _f("grpo-run", "run folder: checkpoints, weight syncs, metrics, plots")
     backend: Literal["http", "trl-vllm"] = _f(
         "http", "http: rollout_func over /v1/completions, weights reloaded from a "
         "checkpoint folder after each step (CPU or GPU); trl-vllm: TRL's own vLLM server "
         "mode with NCCL weight sync (GPU only)")
-    dataset: str = _f("gsm8k", "gsm8k, math500, svamp or a .jsonl path")
-    split: str = _f("train", "dataset split")
-    limit: int | None = _f(None, "problems to use (default: all)")
-    offset: int = _f(0, "first problem to use")
+    objective: Literal["paper", "trl"] = _f(
+        "paper", "paper: plain GRPO loss with KL beta 0.04 (LoRA's base is the reference); "
+        "trl: TRL's defaults (dapo loss, no KL); --loss-type/--beta override")
     num_generations: int = _f(14, "K: completions per prompt (the paper's 14)")
     prompts_per_step: int = _f(4, "prompts per optimizer step (x K completions)")
-    grad_accum: int = _f(1, "micro-steps per optimizer step (divides prompts x K)")
     max_completion_length: int = _f(4096, "tokens per completion at most")
     temperature: float = _f(1.0, "rollout temperature")
     top_p: float = _f(1.0, "rollout top-p")
     top_k: int = _f(-1, "rollout top-k (-1: off)")
     min_p: float | None = _f(None, "rollout min-p")
     repetition_penalty: float = _f(1.0, "rollout repetition penalty")
-    learning_rate: float = _f(1e-6, "peak learning rate")
-    beta: float = _f(0.0, "KL coefficient (0: no reference model)")
+    learning_rate: float = _f(1e-5, "peak learning rate")
+    beta: float | None = _f(None, "KL coefficient; None = the objective's")
     epsilon: float = _f(0.2, "clipping epsilon")
-    loss_type: str | None = _f(None, "TRL loss_type (default: TRL's)")
+    loss_type: str | None = _f(None, "TRL loss_type; None = the objective's")
     scale_rewards: Literal["group", "batch", "none"] = _f("group", "advantage scaling")
     max_steps: int = _f(100, "optimizer steps in total (a resumed run counts on)")
-    save_steps: int = _f(10, "checkpoint every N steps")
-    save_total_limit: int | None = _f(3, "checkpoints kept")
-    resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
     sync_weights: bool = _f(True, "push the policy to the server after every optimizer step")
     sync_dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "dtype of the pushed weights; auto: the training dtype (bf16 would round "
         "away small updates of an fp32 policy; for the same reason serve it with --dtype "
         "float32 when training in fp32)")
-    keep_syncs: int = _f(2, "weight-sync folders kept in <output-dir>/sync")
     sync_checksum: bool = _f(True, "ask the server for a checksum of what it loaded")
     request_prompts: int = _f(8, "prompts per /v1/completions request")
     concurrency: int = _f(2, "rollout requests in flight")
     timeout: float = _f(1800.0, "seconds one HTTP request may take")
-    dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "training dtype; auto: bf16 on a bf16-capable GPU, else fp32")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory")
-    lora: bool = _f(False, "train a LoRA adapter (merged weights are pushed)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha")
-    lora_target: str = _f("all-linear", "LoRA target modules")
-    seed: int = _f(0, "seed")
-    logging_steps: int = _f(1, "log every N steps")
     log_completions: bool = _f(False, "TRL's completion tables")
     save_final: bool = _f(True, "save the final policy (with tokenizer) to <output-dir>/final")
-    plot: bool = _f(True, "draw <output-dir>/rewards.png at the end")
-    # Reward (stepzip.rewards.RewardConfig): None = from the SFT folder's
-    # stepzip_train.json, else RewardConfig's default.
-    correctness: bool = _f(True, "reward: correctness component on")
-    correct_reward: float = _f(2.0, "reward for a correct answer after </think>")
-    skip_ratio: bool = _f(True, "reward: skip-ratio component on")
-    skip_ratio_high: float = _f(0.8, "skip ratio of the high tier")
-    skip_ratio_high_reward: float = _f(1.0, "reward of the high tier")
-    skip_ratio_mid: float = _f(0.5, "skip ratio of the middle tier")
-    skip_ratio_mid_reward: float = _f(0.5, "reward of the middle tier")
-    skip_count: bool = _f(True, "reward: skip-count component on")
-    max_skips: int = _f(100, "markers allowed before the penalty")
-    too_many_skips_penalty: float = _f(-2.0, "penalty for more than --max-skips markers")
-    length: bool = _f(True, "reward: length component on")
-    max_completion_tokens: int = _f(3500, "tokens allowed before the length penalty")
-    too_long_penalty: float = _f(-1.0, "penalty for a longer completion")
-    marker: str | None = _f(None, "skip marker (default: the SFT folder's, else [SKIP])")
-    think_close: str | None = _f(None, "reasoning end tag (default: the SFT folder's, "
-                                       "else </think>)")
-    step_delimiter: str | None = _f(None, "step delimiter of the reward, escapes allowed "
-                                          "(default: the SFT folder's, else \\n\\n)")
+    reward: RewardConfig = _f(  # noqa: RUF009 - option() returns a dataclasses.field
+        default_factory=RewardConfig,
+        help="the reward; marker, think tag and delimiter left at their defaults are taken "
+             "from the SFT folder's stepzip_train.json")
 
-    def reward_config(self, defaults: dict[str, Any] | None = None) -> RewardConfig:
-        """The RewardConfig; unset marker/think_close/delimiter come from `defaults`
-        (the SFT folder's stepzip_train.json) and then RewardConfig's own."""
-        defaults = defaults or {}
-        names = {f.name for f in dataclasses.fields(RewardConfig)}
-        values = {n: getattr(self, n) for n in names if hasattr(self, n)}
+    def reward_config(self, meta: dict[str, Any] | None = None) -> RewardConfig:
+        """The reward, with marker/think tag/delimiter still at RewardConfig's defaults
+        replaced by those the SFT folder was trained with (`meta`, its
+        stepzip_train.json), and the delimiter's escapes resolved."""
+        meta = meta or {}
+        default = RewardConfig()
+        values = {}
         for name, meta_key in (("marker", "marker"), ("think_close", "think_close"),
                                ("step_delimiter", "delimiter")):
-            if values.get(name) is None:
-                values.pop(name, None)
-                if defaults.get(meta_key):
-                    values[name] = defaults[meta_key]
-        if "step_delimiter" in values:
-            values["step_delimiter"] = unescape(values["step_delimiter"])
-        return RewardConfig(**values)
+            if getattr(self.reward, name) == getattr(default, name) and meta.get(meta_key):
+                values[name] = meta[meta_key]
+        values["step_delimiter"] = unescape(values.get("step_delimiter",
+                                                       self.reward.step_delimiter))
+        return dataclasses.replace(self.reward, **values)
 
 
-# The configuration that runs on a 2-core CPU in minutes (see the module docstring).
+# What each objective sets when --loss-type / --beta are left unset.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "paper": {"loss_type": "grpo", "beta": 0.04},
+    "trl": {"loss_type": "dapo", "beta": 0.0},
+}
+
+
+# ---- presets ----------------------------------------------------------------------------
+
 TINY: dict[type, dict[str, Any]] = {
     BuildSftConfig: {"limit": 4, "batch_size": 4, "concurrency": 1, "max_tokens": 64,
                      "keep": "all", "answer_max_tokens": 16, "progress": False},
     SftRunConfig: {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 384,
-                   "learning_rate": 1e-4, "logging_steps": 1, "dtype": "float32"},
-    GrpoRunConfig: {"limit": 4, "num_generations": 4, "prompts_per_step": 1, "grad_accum": 1,
+                   "logging_steps": 1, "dtype": "float32"},
+    GrpoRunConfig: {"limit": 4, "num_generations": 4, "prompts_per_step": 1,
                     "max_completion_length": 32, "max_steps": 2, "save_steps": 1,
-                    "save_total_limit": 1, "learning_rate": 1e-6, "dtype": "float32",
-                    "max_completion_tokens": 30, "keep_syncs": 1, "request_prompts": 2,
+                    "save_total_limit": 1, "dtype": "float32",
+                    "reward": {"max_completion_tokens": 30}, "request_prompts": 2,
                     "concurrency": 1},
 }
 
+# Learning visible on 2 CPU cores in ~30 minutes (README, "Training"): SVAMP (short,
+# one-paragraph word problems: short prompts, short traces with several steps to prune),
+# one epoch of SFT for the marker to appear in the model's own text, then GRPO with K = 14
+# (one prompt per step: a step costs its tokens) on a LoRA adapter whose LR is large
+# enough to move a 135M model within a dozen steps.
+CPU_DEMO: dict[type, dict[str, Any]] = {
+    BuildSftConfig: {"dataset": "svamp", "split": "test", "limit": 128, "batch_size": 16,
+                     "concurrency": 2, "max_tokens": 96, "keep": "all",
+                     "answer_max_tokens": 16, "progress": False},
+    SftRunConfig: {"epochs": 1.0, "batch_size": 4, "grad_accum": 2, "max_length": 320,
+                   "learning_rate": 1e-3, "warmup_steps": 1, "logging_steps": 1,
+                   "dtype": "float32", "threads": 1},
+    GrpoRunConfig: {"dataset": "svamp", "split": "test", "offset": 500, "limit": 64,
+                    "num_generations": 14, "prompts_per_step": 1, "grad_accum": 2,
+                    "max_completion_length": 64, "max_steps": 12, "learning_rate": 5e-4,
+                    "lr_scheduler": "constant", "save_steps": 4, "save_total_limit": 1,
+                    "dtype": "float32", "threads": 1, "reward": {"max_completion_tokens": 60},
+                    "request_prompts": 2, "concurrency": 1},
+}
 
-# ---- flags: the shared mechanism (stepzip.config) plus the --tiny preset ------------------
+PRESETS: dict[str, dict[type, dict[str, Any]]] = {"tiny": TINY, "cpu-demo": CPU_DEMO}
+
+
+# ---- flags: the shared mechanism (stepzip.config) plus --preset ---------------------------
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """The stage's flags, plus --tiny."""
+    """The stage's flags, plus --preset (and --tiny, short for --preset tiny)."""
     config.add_flags(parser, cls)
-    parser.add_argument("--tiny", action="store_true",
-                        help="the tiny CPU preset (explicit flags still win)")
+    add_preset_flags(parser)
 
 
-def from_args(cls: type, args: argparse.Namespace, tiny: bool | None = None) -> Any:
-    """Flag > tiny preset > field default."""
-    tiny = getattr(args, "tiny", False) if tiny is None else tiny
-    return config.from_args(cls, args, preset=TINY.get(cls, {}) if tiny else None)
+def add_preset_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a preset (explicit flags still win): " + ", ".join(sorted(PRESETS)))
+    parser.add_argument("--tiny", action="store_true", help="short for --preset tiny")
+
+
+def preset_name(args: argparse.Namespace) -> str | None:
+    if getattr(args, "tiny", False):
+        return "tiny"
+    return getattr(args, "preset", None)
+
+
+def preset_values(name: str | None, cls: type) -> dict[str, Any]:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name].get(cls, {}))
+
+
+def from_args(cls: type, args: argparse.Namespace, preset: str | None = None) -> Any:
+    """Flag > preset > field default."""
+    name = preset if preset is not None else preset_name(args)
+    return config.from_args(cls, args, preset=preset_values(name, cls))
+
+
+def with_preset(cls: type, preset: str | None, **values: Any) -> Any:
+    """`cls` from a preset and explicit values (they win), as the pipeline builds it."""
+    merged = preset_values(preset, cls)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}
+        merged[key] = value
+    return config.from_args(cls, argparse.Namespace(), preset=merged)

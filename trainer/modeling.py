@@ -107,25 +107,36 @@ def check_skip_token(tokenizer: Any, marker: str, token_id: int) -> None:
 
 
 def policy_state_dict(model: Any) -> tuple[Any, dict[str, Any]]:
-    """(base model, {name: tensor}) of a plain or PEFT policy, adapters merged, under
-    the names a servable checkpoint uses. The caller must unmerge a PEFT model after."""
+    """(base model, {name: tensor}) of a plain or PEFT policy under the names a servable
+    checkpoint uses, LoRA deltas added into fresh tensors: the model itself is not
+    touched (merging in place and unmerging after every push would drift the frozen
+    weights by a rounding error each time)."""
     try:
         from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover - peft is in the train extra
-        PeftModel = ()  # type: ignore[assignment]
-    if isinstance(model, PeftModel):
-        model.merge_adapter()
-        base = model.get_base_model()
-        prefix = model.prefix
-        state = {}
-        for name, tensor in model.state_dict().items():
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            if prefix in name or "original_module" in name:
-                continue
-            name = name.replace("modules_to_save.default.", "")
-            state[name] = tensor
-        return base, state
-    return model, model.state_dict()
+        return model, model.state_dict()
+    if not isinstance(model, PeftModel):
+        return model, model.state_dict()
+    import torch
+
+    base = model.get_base_model()
+    deltas: dict[str, Any] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    with torch.no_grad():
+                        delta = module.get_delta_weight(adapter)
+                    key = f"{name}.weight"
+                    deltas[key] = delta if key not in deltas else deltas[key] + delta
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or "original_module" in name:
+            continue
+        name = name.replace(".base_layer", "").replace("modules_to_save.default.", "")
+        state[name] = tensor + deltas[name].to(tensor.dtype) if name in deltas else tensor
+    return base, state
 
 
 def export_policy(model: Any, folder: Path, *, dtype: Any = None, tokenizer: Any = None,
@@ -143,25 +154,21 @@ def export_policy(model: Any, folder: Path, *, dtype: Any = None, tokenizer: Any
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
     base, state = policy_state_dict(model)
-    try:
-        tied = getattr(base.config, "tie_word_embeddings", False)
-        tensors = {}
-        seen: set[int] = set()
-        for name, tensor in state.items():
-            if tied and name == "lm_head.weight":
-                continue
-            t = tensor.detach()
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            t = t.to("cpu").contiguous()
-            if t.data_ptr() in seen and t.numel():  # save_file refuses shared storage
-                t = t.clone()
-            seen.add(t.data_ptr())
-            tensors[name] = t
-        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    finally:
-        if hasattr(model, "unmerge_adapter") and hasattr(model, "peft_config"):
-            model.unmerge_adapter()
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    tensors = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tied and name == "lm_head.weight":
+            continue
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel():  # save_file refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[name] = t
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     config = base.config
     saved_dtype = getattr(config, "dtype", None)
     if dtype is not None:

@@ -8,11 +8,13 @@
   what the GRPO-stage server must be started with.
 * Prompt-completion rows: TRL masks the prompt, so the loss is on the completion only
   (``completion_only_loss=True``) and appends EOS to each completion.
-* Optional LoRA (``--lora``); the adapter is merged before saving, and the marker's
+* LoRA by default (``--no-lora`` for a full fine-tune); the adapter is merged before saving, and the marker's
   embedding row is trained too (through a gradient mask: peft's
   ``trainable_token_indices`` wraps the tied head, which TRL's fused LM head bypasses).
 * The output folder is servable: config + safetensors + tokenizer + chat template, and
-  ``stepzip_train.json`` (marker, its id, delimiter, think tag) for the GRPO stage.
+  ``stepzip_train.json`` (marker, its id, delimiter, think tag) for the GRPO stage,
+  ``metrics.jsonl`` (the logged loss per step) and ``sft_loss.png``. Checkpoints (only
+  with ``--save-steps``) hold no optimizer state unless ``--save-optimizer``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from stepzip.constants import THINK_CLOSE
+from trainer.build_sft import within_length
+from trainer.common import (
+    CheckpointHygieneCallback,
+    TrainerCallback,
+    lora_config,
+    make_readable,
+    model_card,
+    resume_checkpoint,
+    set_threads,
+    trainer_kwargs,
+)
 from trainer.config import SftRunConfig
+from trainer.metrics import METRICS_FILE, SFT_PLOT, append_record, plot_sft, safe_plot
 from trainer.modeling import (
     META_FILE,
     add_skip_token,
@@ -65,12 +79,12 @@ def data_meta(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
     """Train and save; returns the summary also written into stepzip_train.json."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     started = time.perf_counter()
+    set_threads(cfg)
     base = resolve_model(cfg.model)
     rows = load_pairs(cfg.data, cfg.limit)
     meta = data_meta(rows)
@@ -79,7 +93,7 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
     dtype = pick_dtype(cfg.dtype)
     cpu = on_cpu()
     log(f"sft: {len(rows)} pairs from {cfg.data}; base {base}; dtype {dtype}; "
-        f"{'CPU' if cpu else 'GPU'}")
+        f"{'CPU' if cpu else 'GPU'}; {'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full'}")
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
@@ -93,53 +107,44 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
     log(f"sft: {cfg.marker!r} is token {skip_id} ({cfg.skip_token}); embeddings "
         f"{vocab_before} -> {vocab_after} rows")
 
+    rows, too_long = within_length(
+        rows, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        cfg.max_length)
+    if not rows:
+        raise ValueError(f"every pair is longer than max_length={cfg.max_length} tokens")
+    log(f"sft: dropped {too_long} pairs longer than {cfg.max_length} tokens (not truncated)")
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                  for r in rows])
     output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = output_dir / "checkpoints"
+    metrics_path = output_dir / METRICS_FILE
+    resume = resume_checkpoint(cfg.resume, ckpt_dir, log)
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
     args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=cfg.max_steps,
+        **trainer_kwargs(cfg, ckpt_dir, dtype, cpu),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
         max_length=cfg.max_length,
         completion_only_loss=True,
         packing=False,
-        bf16=dtype == torch.bfloat16 and not cpu,
-        fp16=False,
-        use_cpu=cpu,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        report_to="none",
-        seed=cfg.seed,
-        dataloader_num_workers=0,
         dataset_num_proc=None,
-        disable_tqdm=False,
+        disable_tqdm=True,
     )
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        targets = cfg.lora_target if cfg.lora_target == "all-linear" else [
-            t.strip() for t in cfg.lora_target.split(",") if t.strip()]
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                 task_type="CAUSAL_LM")
+    card = model_card(stage="sft", base_model=base, lines=[
+        f"data: {cfg.data} ({len(rows)} pairs)", f"marker {cfg.marker!r} = token {skip_id}",
+        (f"LoRA r={cfg.lora_r} (merged)" if cfg.lora else "full fine-tune")
+        + f", lr {cfg.learning_rate}"])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=lora_config(cfg),
+                         callbacks=[LossLogCallback(metrics_path, log),
+                                    CheckpointHygieneCallback(card)])
     if cfg.lora:
         # The new marker's row must learn too. peft's trainable_token_indices wraps the
         # (tied) head, which TRL's fused LM head reads around; train the row through a
         # gradient mask on the embedding instead.
         train_token_rows(trainer.model, [skip_id])
-    resume = cfg.resume
-    if resume == "latest":
-        resume = True
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
@@ -154,9 +159,11 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
     # last, marks it complete.
     (output_dir / META_FILE).unlink(missing_ok=True)
     export_policy(policy, output_dir, dtype=save_dtype, tokenizer=tokenizer, atomic=False)
+    (output_dir / "README.md").write_text(card)
     save_s = time.perf_counter() - t1
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    plot = safe_plot(plot_sft, metrics_path, output_dir / SFT_PLOT, log) if cfg.plot else None
     summary = {
         "stage": "sft",
         "base_model": base,
@@ -172,6 +179,8 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "losses": losses,
+        "metrics": str(metrics_path),
+        "plot": str(plot) if plot else None,
         "train_seconds": train_s,
         "save_seconds": save_s,
         "seconds": time.perf_counter() - started,
@@ -179,10 +188,27 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
     }
     (output_dir / META_FILE).write_text(json.dumps(summary, indent=2))
+    make_readable(output_dir)
     log(f"sft: {summary['steps']} steps, loss {losses[0] if losses else float('nan'):.3f} -> "
         f"{losses[-1] if losses else float('nan'):.3f}; train {train_s:.1f} s, save "
-        f"{save_s:.1f} s; model in {output_dir}")
+        f"{save_s:.1f} s; model in {output_dir}; loss curve {plot}")
     return summary
+
+
+class LossLogCallback(TrainerCallback):
+    """SFT progress: one line per logged step on the console and in metrics.jsonl."""
+
+    def __init__(self, path: Path, log=print):
+        self.path, self.log = path, log
+        self.t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "train_runtime" in logs:
+            return
+        append_record(self.path, {"step": state.global_step, "time": time.time(), **logs})
+        if "loss" in logs:
+            self.log(f"sft: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                     f"({time.perf_counter() - self.t0:.0f} s)")
 
 
 def train_token_rows(model: Any, rows: list[int]) -> None:

@@ -10,22 +10,37 @@ that finished together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from server.engine.compat import check_processor_interface
 from server.engine.entropy import EXTRA_ARGS_KEY
-from stepzip.modelcache import resolve_model
 from server.settings import ServerSettings
+from stepzip.modelcache import resolve_model
 
 log = logging.getLogger("stepzip.engine")
 
 PROCESSOR_V1 = "server.engine.processor_v1:EntropyProcessorV1"
 PROCESSOR_V2 = "server.engine.processor_v2:EntropyProcessorV2"
+# Teacher forcing for /v1/score; registered after the entropy processor (see forcing.py).
+FORCING_V1 = "server.engine.forcing:ForcingProcessorV1"
+FORCING_V2 = "server.engine.forcing:ForcingProcessorV2"
+
+
+def logits_processors(use_v2: bool) -> list[str]:
+    """Entropy before forcing: vLLM applies custom processors in list order, so the
+    entropy is of the model's own (unforced) distribution."""
+    return [PROCESSOR_V2, FORCING_V2] if use_v2 else [PROCESSOR_V1, FORCING_V1]
+
+
 WORKER_EXTENSION = "server.engine.worker_ext.StepzipWorkerExtension"
 
 
@@ -40,6 +55,26 @@ def cpu_dtype() -> str:
 
 class EntropyUnavailable(RuntimeError):
     """The engine returned no (or incomplete) entropies for a request."""
+
+
+class EngineOverloaded(RuntimeError):
+    """Admitting a request would exceed `max_pending_requests` engine requests."""
+
+
+class WeightLoadError(RuntimeError):
+    """A checkpoint failed to load; the previous weights are back in place."""
+
+
+@dataclass
+class WeightVersion:
+    """Which weights serve: bumped only once new weights are fully in."""
+    n: int = 0
+    path: str | None = None  # the checkpoint folder to restore from after a failed load
+    checksum: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"v{self.n}" + (f"-{self.checksum[:8]}" if self.checksum else "")
 
 
 @dataclass
@@ -61,6 +96,44 @@ class _Pending:
     key: str
     n: int
     future: asyncio.Future = field(repr=False)
+
+
+async def rpc_every_worker(llm, method: str, arg) -> list:
+    """`collective_rpc(method, args=(arg,))` on every worker of every data-parallel engine.
+
+    vLLM 0.32's `AsyncLLM.collective_rpc` goes through the engine client's
+    `call_utility_async`, which under data parallelism (DPLBAsyncMPClient) asks every
+    engine but returns engine 0's workers only; `call_utility_all_async` returns them all.
+    """
+    core = getattr(llm, "engine_core", None)
+    if hasattr(core, "call_utility_all_async"):
+        per_engine = await core.call_utility_all_async("collective_rpc", method, None,
+                                                        (arg,), None)
+        return [worker for workers in per_engine for worker in workers]
+    return await llm.collective_rpc(method, args=(arg,))
+
+
+def merge_worker_entropies(
+        results: list[dict[str, list[float] | None]]) -> dict[str, list[float] | None]:
+    """Per key, the copy of the worker that sampled it: the one with the fewest unwritten
+    (NaN) positions. A request is sampled by one data-parallel engine, on its last
+    pipeline stage, by the tensor-parallel rank holding its batch share (or by all ranks
+    alike); the other workers hold no entry (None) or one never written (NaN)."""
+    if len(results) == 1:
+        return results[0]
+    merged: dict[str, list[float] | None] = {}
+    for worker in results:
+        for key, values in worker.items():
+            best = merged.get(key)
+            if values is not None and (best is None or _unwritten(values) < _unwritten(best)):
+                merged[key] = values
+            else:
+                merged.setdefault(key, best)
+    return merged
+
+
+def _unwritten(values: list[float]) -> int:
+    return sum(1 for v in values if math.isnan(v))
 
 
 class EntropyFetcher:
@@ -86,15 +159,15 @@ class EntropyFetcher:
             batch, self.pending = self.pending, []
             try:
                 started = time.perf_counter()
-                results = await self.llm.collective_rpc(
-                    "stepzip_fetch_entropies", args=([(p.key, p.n) for p in batch],))
+                results = await rpc_every_worker(
+                    self.llm, "stepzip_fetch_entropies", [(p.key, p.n) for p in batch])
                 self.rpc_calls += 1
                 if self.observe is not None:
                     self.observe(time.perf_counter() - started)
-                first = results[0]  # every TP rank computes the same values; take rank 0
+                merged = merge_worker_entropies(results)
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_result(first.get(p.key))
+                        p.future.set_result(merged.get(p.key))
             except Exception as exc:  # engine dead or RPC failed: fail these requests only
                 for p in batch:
                     if not p.future.done():
@@ -102,7 +175,7 @@ class EntropyFetcher:
 
     async def release(self, keys: list[str]) -> None:
         try:
-            await self.llm.collective_rpc("stepzip_release_entropies", args=(keys,))
+            await rpc_every_worker(self.llm, "stepzip_release_entropies", keys)
         except Exception:  # best effort: the engine may be gone
             log.debug("release of %d entropy keys failed", len(keys), exc_info=True)
 
@@ -121,6 +194,11 @@ class Engine:
         self.ready = False
         self.started_at: float | None = None
         self.startup_s: float | None = None
+        self.weights = WeightVersion()
+        self.admitted = 0  # engine requests admitted by `admission`, running or queued
+        # One thread for tokenizer work (templating, encode/decode): off the event loop,
+        # and serial, since a fast tokenizer refuses concurrent use ("Already borrowed").
+        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="stepzip-tokenizer")
 
     # ---- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -133,6 +211,7 @@ class Engine:
         self.llm = await asyncio.to_thread(self._build_llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.fetcher = EntropyFetcher(self.llm)
+        self.weights = WeightVersion(path=self.model_path)
         self.ready = True
         self.started_at = time.time()
         self.startup_s = time.perf_counter() - started
@@ -160,12 +239,18 @@ class Engine:
             max_num_seqs=s.max_num_seqs,
             tensor_parallel_size=s.tensor_parallel_size,
             data_parallel_size=s.data_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            distributed_executor_backend=s.distributed_executor_backend,
             enforce_eager=s.enforce_eager,
             seed=s.seed,
             enable_chunked_prefill=chunked,
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            logprobs_mode=s.logprobs_mode,
+            max_logprobs=s.max_logprobs,
         )
+        if s.reasoning_parser:
+            kwargs["reasoning_parser"] = s.reasoning_parser
         if not chunked:
             # Without chunking a prompt must fit one step's token budget.
             kwargs["max_num_batched_tokens"] = max(s.max_model_len, 8192)
@@ -174,7 +259,7 @@ class Engine:
             if s.kv_cache_gib:
                 kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         if s.entropy:
-            kwargs["logits_processors"] = [PROCESSOR_V1]
+            kwargs["logits_processors"] = logits_processors(use_v2=False)
         kwargs.update(s.extra_engine_args)
         engine_args = AsyncEngineArgs(**kwargs)
         vllm_config = engine_args.create_engine_config()
@@ -182,8 +267,9 @@ class Engine:
             # The two runners load different processor interfaces; pick the one this
             # configuration will actually run.
             use_v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+            check_processor_interface(use_v2)  # fail here, not with misread rows later
             self.processor = PROCESSOR_V2 if use_v2 else PROCESSOR_V1
-            vllm_config.model_config.logits_processors = [self.processor]
+            vllm_config.model_config.logits_processors = logits_processors(use_v2)
         self.max_model_len = vllm_config.model_config.max_model_len
         return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
 
@@ -196,6 +282,96 @@ class Engine:
     @property
     def dead(self) -> bool:
         return self.llm is not None and bool(getattr(self.llm, "errored", False))
+
+    async def watch_death(self, on_death, interval: float = 0.25) -> None:
+        """Call `on_death()` once the engine core has died (vLLM's client notices a
+        dead core process within its own monitor's poll)."""
+        while not self.dead:
+            await asyncio.sleep(interval)
+        on_death()
+
+    @contextlib.contextmanager
+    def admission(self, n: int):
+        """Reserve `n` engine requests for one HTTP request, or refuse it at once."""
+        limit = self.settings.max_pending_requests
+        if self.admitted + n > limit:
+            raise EngineOverloaded(f"{self.admitted} engine requests are pending (limit "
+                                   f"{limit}); this request needs {n}")
+        self.admitted += n
+        try:
+            yield
+        finally:
+            self.admitted -= n
+
+    async def in_tokenizer_thread(self, fn, *args):
+        """Run CPU-bound tokenizer work `fn(*args)` off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+    # ---- the façade the routes use (they never touch `llm`) ------------------------
+    def unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    def openai_client(self):
+        """The engine client vLLM's OpenAI serving objects run on (server/engine/client.py)."""
+        from server.engine.client import StepzipEngineClient
+
+        return StepzipEngineClient(self)
+
+    @property
+    def vllm_config(self):
+        return self.llm.vllm_config
+
+    async def reset_prefix_cache(self) -> None:
+        await self.llm.reset_prefix_cache()
+
+    async def checksum(self) -> str:
+        """sha256 over the engine's own per-tensor digests (what is loaded, not the files)."""
+        per_worker = await self.llm.compute_weight_checksums()
+        digest = hashlib.sha256()
+        for name, value in sorted(per_worker[0].items()):
+            digest.update(f"{name}={value};".encode())
+        return digest.hexdigest()
+
+    async def check_checkpoint(self, tensors: list[tuple[str, list[int], str]]) -> list[str]:
+        """Problems a load of these tensors would hit, found by a dry run in every worker."""
+        per_worker = await self.llm.collective_rpc("stepzip_check_checkpoint",
+                                                   args=(tensors,))
+        return sorted({p for problems in per_worker for p in problems})
+
+    async def reload_weights(self, path: str, checksum: bool = False) -> WeightVersion:
+        """Load a checkpoint folder in place, all or nothing: on failure the previous one
+        is reloaded and WeightLoadError raised; the version moves only on success."""
+        errors = await self.llm.collective_rpc(
+            "stepzip_reload_weights", args=(path, self.weights.path))
+        await self.llm.reset_prefix_cache()
+        failed = [e for e in errors if e]
+        if failed:
+            raise WeightLoadError(failed[0])
+        digest = await self.checksum() if checksum else None
+        self.weights = WeightVersion(self.weights.n + 1, path, digest)
+        return self.weights
+
+    async def restore_weights(self) -> None:
+        """Put the last checkpoint loaded from disk back (after a failed transfer)."""
+        await self.reload_weights(self.weights.path)
+
+    async def init_weight_transfer_engine(self, request) -> None:
+        await self.llm.init_weight_transfer_engine(request)
+
+    async def start_weight_update(self) -> None:
+        await self.llm.start_weight_update()
+
+    async def update_weights(self, request) -> None:
+        await self.llm.update_weights(request)
+
+    async def finish_weight_update(self) -> WeightVersion:
+        """Commit an NCCL transfer: the new weights have no folder of their own, so a
+        later failed load restores the last folder loaded."""
+        new = WeightVersion(self.weights.n + 1, self.weights.path)
+        await self.llm.finish_weight_update(weight_version=new.label)
+        await self.llm.reset_prefix_cache()
+        self.weights = new
+        return new
 
     # ---- generation ----------------------------------------------------------------
     def sampling_params(self, **kw):

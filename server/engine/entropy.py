@@ -28,8 +28,9 @@ def entropy_torch(logits: torch.Tensor) -> torch.Tensor:
     With x' = x - max(x) clamped at _LOG_FLOOR, w = exp(x'), Z = sum(w):
     H = log Z - sum(w * x') / Z. Shifting first keeps the error at float32 epsilon times
     the entropy (< 1e-6 nats vs float64); masked (-inf) logits clamp to the floor and
-    contribute nothing measurable, never 0 * inf. Measured 3-4 ms for [28, 49152] on one
-    CPU core, whatever the logit scale.
+    contribute nothing measurable, never 0 * inf. NaN or +inf anywhere in a row gives NaN,
+    as does a row with no finite logit. Five passes over the logits: the kernels in
+    `entropy_cpu` / `entropy_triton` compute the same in one.
     """
     x = logits.float()  # [rows, vocab] float32 (no copy when already float32)
     shifted = (x - x.amax(dim=-1, keepdim=True)).clamp_min_(_LOG_FLOOR)  # [rows, vocab]
@@ -39,13 +40,26 @@ def entropy_torch(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] -> [rows] float32 entropies; fused Triton kernel on CUDA when present."""
+    """[rows, vocab] -> [rows] float32 entropies, by the fastest kernel for the device:
+    the fused Triton kernel on CUDA, the Numba kernel on the CPU, else `entropy_torch`."""
     if logits.is_cuda:
         from server.engine import entropy_triton
 
         if entropy_triton.AVAILABLE:
             return entropy_triton.entropy_triton(logits)
+    elif logits.device.type == "cpu":
+        from server.engine import entropy_cpu
+
+        if entropy_cpu.AVAILABLE:
+            return entropy_cpu.entropy_cpu(logits)
     return entropy_torch(logits)
+
+
+def warm_up(device: torch.device | str, vocab: int) -> None:
+    """Compile the kernel `entropy_from_logits` will use for [*, vocab] float32 logits (what
+    both vLLM runners hand processors) on `device` now, so the first keyed request's engine
+    step does not stall the batch."""
+    entropy_from_logits(torch.zeros(2, max(vocab, 1), device=device))  # [2, vocab] f32
 
 
 class EntropyStore:

@@ -17,6 +17,11 @@ could see -inf is selected away with `where` (never 0 * inf). Each step needs on
 element: with d = x - m, the new element's weight is exp(d) when d <= 0, otherwise the old
 sums are rescaled by exp(-d) and the new element (now the max) weighs 1.
 
+Distances are clamped at 80 nats, as `entropy_torch` clamps x - max at -80: a logit masked
+with a huge *finite* negative (finfo.min, -1e38) then weighs exp(-80) ~ 1.8e-35 instead of
+overflowing `t - d * s` into 0 * inf = NaN. NaN or +inf anywhere in a row makes the row's
+entropy NaN (as in `entropy_torch`); a row with no finite logit gives NaN too.
+
 Triton is imported guarded, so this module imports on machines without it (the CPU
 build); `AVAILABLE` is True only when Triton imports and CUDA is present. The kernel also
 runs under Triton's CPU interpreter (TRITON_INTERPRET=1 set before import), which is how
@@ -54,6 +59,7 @@ if _HAVE_TRITON:
         row_stride,  # elements between consecutive rows
         n_cols,
         BLOCK_SIZE: tl.constexpr,
+        CLAMP: tl.constexpr = 80.0,  # entropy_torch's -_LOG_FLOOR
     ):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
@@ -64,34 +70,38 @@ if _HAVE_TRITON:
         s = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         t = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
 
+        bad = tl.zeros([BLOCK_SIZE], dtype=tl.int32)  # lanes that saw NaN or +inf
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-            valid = x > float("-inf")
+            bad = bad | ((x != x) | (x == float("inf"))).to(tl.int32)  # noqa: PLR0124  (NaN test)
+            valid = (x > float("-inf")) & (x < float("inf"))  # NaN compares false too
             # Distance to the lane's running max; forced to 0 (finite) when either side is
             # -inf: a masked element is discarded below, and a lane's first finite element
             # then gives s = 0 + exp(0) = 1, t = 0 + 1 * 0 = 0, exactly its own state.
             d = tl.where(valid & (m > float("-inf")), x - m, 0.0)
-            z = tl.exp(-tl.abs(d))  # exp(d) if d <= 0, exp(-d) if d > 0; never overflows
+            a = tl.minimum(tl.abs(d), CLAMP)  # |d| clamped like entropy_torch's floor
+            z = tl.exp(-a)  # exp(d) if d <= 0, exp(-d) if d > 0; never overflows
             up = d > 0.0
             # d > 0: x is the new max; old sums rescale by z = exp(m - x) and
             #        t' = z * (t + (m - x) * s); x itself adds weight 1 at offset 0.
             # d <= 0: max unchanged; x adds weight z = exp(d) at offset d.
             s_new = tl.where(up, s * z + 1.0, s + z)
-            t_new = tl.where(up, z * (t - d * s), t + z * d)
+            t_new = tl.where(up, z * (t - a * s), t - z * a)
             s = tl.where(valid, s_new, s)
             t = tl.where(valid, t_new, t)
-            m = tl.maximum(m, x)
+            m = tl.where(valid, tl.maximum(m, x), m)
 
         # Fold the lanes onto the row max M: a lane contributes
         # exp(m - M) * s and exp(m - M) * (t + (m - M) * s); empty lanes contribute 0.
         m_row = tl.max(m, axis=0)
         live = m > float("-inf")
-        delta = tl.where(live, m - m_row, 0.0)
+        delta = tl.where(live, tl.maximum(m - m_row, -CLAMP), 0.0)
         alpha = tl.where(live, tl.exp(delta), 0.0)
         s_row = tl.sum(alpha * s, axis=0)
         t_row = tl.sum(alpha * (t + delta * s), axis=0)
         h = tl.log(s_row) - t_row / s_row
+        h = tl.where(tl.max(bad, axis=0) > 0, float("nan"), h)
         tl.store(out_ptr + row, h)
 
 

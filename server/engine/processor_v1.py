@@ -10,10 +10,16 @@ sampling step later overwrites, so the last write per position is always the rea
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store
+from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store, warm_up
+from server.engine.penalties import Penalty, penalised_entropies
+
+# Under "vllm." so it reaches the handler vLLM configures in its worker process.
+log = logging.getLogger("vllm.stepzip.entropy")
 
 
 class EntropyProcessorV1(LogitsProcessor):
@@ -26,8 +32,11 @@ class EntropyProcessorV1(LogitsProcessor):
         )
         self.device = device
         self.pin = is_pin_memory
-        # row -> (key, entry, live output-token list)
-        self.rows: dict[int, tuple[str, int, list[int]]] = {}
+        # row -> (key, entry, live output-token list, penalties or None)
+        self.rows: dict[int, tuple[str, int, list[int], Penalty | None]] = {}
+        warm_up(device, vllm_config.model_config.get_vocab_size())
+        log.info("entropy processor (legacy runner) on %s, %d torch threads", device,
+                 torch.get_num_threads())
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -45,13 +54,14 @@ class EntropyProcessorV1(LogitsProcessor):
         for row in batch_update.removed:
             if (held := self.rows.pop(row, None)) is not None:
                 self.store.mark_idle(held[0])
-        for row, params, _prompt_ids, output_ids in batch_update.added:
+        for row, params, prompt_ids, output_ids in batch_update.added:
             old = self.rows.pop(row, None)
             if old is not None:
                 self.store.mark_idle(old[0])
             key = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params else None
             if key is not None:
-                self.rows[row] = (key, self.store.entry_for(key), output_ids)
+                self.rows[row] = (key, self.store.entry_for(key), output_ids,
+                                  Penalty.of(params, prompt_ids))
         for a, b, direction in batch_update.moved:
             held_a = self.rows.pop(a, None)
             held_b = self.rows.pop(b, None)
@@ -64,20 +74,27 @@ class EntropyProcessorV1(LogitsProcessor):
         if not self.rows:
             return logits
         num_rows = logits.shape[0]
-        rows, entries, positions = [], [], []
-        for row, (_key, entry, output_ids) in self.rows.items():
+        max_len = self.store.max_len
+        rows, entries, positions, penalised = [], [], [], []
+        for row, (_key, entry, output_ids, penalty) in self.rows.items():
             pos = len(output_ids)
-            if row < num_rows and pos < self.store.max_len:
+            if row < num_rows and pos < max_len:
+                if penalty is not None:
+                    penalised.append((len(rows), row, penalty, output_ids))
                 rows.append(row)
                 entries.append(entry)
                 positions.append(pos)
         if not rows:
             return logits
-        index = self._to_device([rows, entries, positions])  # [3, n] long
-        if len(rows) == num_rows and rows == list(range(num_rows)):
-            values = entropy_from_logits(logits)  # [rows] float32
+        index = self._to_device([rows, entries, positions])  # [3, n] long, rows distinct
+        if 2 * len(rows) >= num_rows:
+            # Most rows tracked (every row, in rollouts): entropy of the whole batch beats
+            # copying the rows out first; pick the tracked rows from the [num_rows] result.
+            values = entropy_from_logits(logits).index_select(0, index[0])  # [n]
         else:
-            values = entropy_from_logits(logits.index_select(0, index[0]))
+            values = entropy_from_logits(logits.index_select(0, index[0]))  # [n]
+        if penalised:  # this runner penalises after us; the entropy is of V2's order
+            values = penalised_entropies(values, logits, penalised)
         self.store.buf.index_put_((index[1], index[2]), values)
         return logits
 

@@ -8,15 +8,26 @@ without a remove hook, so each slot's entry is (re)set in `add_request`. Everyth
     out_pos = pos + 1 - prompt_len[slot]       # output index of the token sampled here
     valid   = pos + 1 >= prefill_len[slot]     # partial-prefill rows sample nothing
 
-Invalid rows write into the store's scratch row, so no host branch is needed.
+Invalid rows write into the store's scratch row, so no host branch is needed. Under
+speculative decoding a request owns one row per draft token, each with its own `pos`; a
+rejected draft's value is overwritten when that position is sampled for real.
+
+vLLM is optional at import: `clients/gpucheck.py` replays this adapter on a CUDA machine
+without vLLM against a stand-in of the V2 interface.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store
+try:
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
+except ModuleNotFoundError as exc:  # only a missing vLLM; a broken one must still fail
+    if exc.name != "vllm":
+        raise
+    LogitsProcessor = object
+
+from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store, warm_up
 
 
 class EntropyProcessorV2(LogitsProcessor):
@@ -33,6 +44,7 @@ class EntropyProcessorV2(LogitsProcessor):
                                      dtype=torch.long, device=self.device)
         self.slot_key: dict[int, str] = {}
         self.staged: dict[int, int] = {}
+        warm_up(self.device, req_states.vocab_size)
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:

@@ -28,3 +28,17 @@ class StepzipWorkerExtension:
     def stepzip_processor_kind(self) -> str | None:
         store = current_store()
         return None if store is None else str(store.device)
+
+    # ---- all-or-nothing weight loads (server/engine/weightcheck.py) ------------------
+    def stepzip_check_checkpoint(self, tensors: list[tuple[str, list[int], str]]) -> list[str]:
+        """What a load of these (name, shape, dtype) tensors would get wrong; nothing copied."""
+        from server.engine.weightcheck import dry_run_load
+
+        tp = self.vllm_config.parallel_config.tensor_parallel_size
+        return dry_run_load(self.model_runner.get_model(), tensors, tp_size=tp)
+
+    def stepzip_reload_weights(self, path: str, previous: str) -> str | None:
+        """Reload in place; on failure restore `previous` and return the error."""
+        from server.engine.weightcheck import reload_or_restore
+
+        return reload_or_restore(self, path, previous)

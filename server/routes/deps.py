@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 
 from fastapi import Request
 
 from server.errors import ApiError, not_ready
 
 
+def engine_dead() -> ApiError:
+    return ApiError(503, "the engine is dead (its core process exited); this server is "
+                         "exiting so that its supervisor restarts it")
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "missing or wrong API key", "authorization",
+                    "expected 'Authorization: Bearer <key>'")
+
+
 def ready_engine(request: Request):
     engine = request.app.state.engine
-    if not engine.ready or engine.dead:
+    if engine.dead:
+        raise engine_dead()
+    if not engine.ready or request.app.state.compressor is None:
         raise not_ready()
     return engine
-
-
-async def check_api_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if not key or request.url.path == "/health":
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-        raise ApiError(401, "missing or wrong API key", "authorization",
-                       "expected 'Authorization: Bearer <key>'")
 
 
 async def unless_disconnected(request: Request, coro):

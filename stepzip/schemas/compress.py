@@ -7,6 +7,7 @@ bias/penalties and before temperature/top-k/top-p (i.e. at temperature 1).
 from __future__ import annotations
 
 import math
+import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from stepzip.constants import MARKER
 
 Strategy = Literal["low", "high", "random", "token", "adaptive"]
+StepScore = Literal["sum", "mean", "sampled"]
 
 
 class _Strict(BaseModel):
@@ -52,6 +54,13 @@ class VariantSpec(_Strict):
     threshold: float | None = Field(None, description="adaptive: prune steps with entropy < this.")
     mass: float | None = Field(None, description="adaptive: prune up to this entropy fraction.")
 
+    @field_validator("threshold", "mass", "ratio")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> VariantSpec:
         if self.strategy == "adaptive":
@@ -77,14 +86,33 @@ class CompressRequest(_Strict):
     marker: str = Field(MARKER, min_length=1, max_length=64)
     merge_runs: bool = False
     prompt_template: str | None = Field(
-        None, description="User message template with a {problem} field; default is the server's.")
-    system: str | None = Field(None, description="Optional system message.")
+        None, max_length=20_000,
+        description="User message template with exactly one kind of field, {problem} "
+                    "(no format spec or conversion; double braces for literal ones); "
+                    "default is the server's.")
+    system: str | None = Field(None, max_length=20_000, description="Optional system message.")
     return_tokens: bool = Field(False, description="Include per-token ids and entropies.")
+    step_score: StepScore = Field(
+        "sum", description="What steps are ranked by for pruning: 'sum' of the step's token "
+        "entropies (the paper's equation), their 'mean', or 'sampled': the mean over the "
+        "step's tokens of -p*log p of the sampled token, p from its logprob (the paper's "
+        "released code; the logprob is vLLM's, of the raw logits). Reported as steps[].score.")
 
     @field_validator("prompt_template")
     @classmethod
-    def _has_slot(cls, v: str | None) -> str | None:
-        if v is not None and "{problem}" not in v:
+    def _one_problem_field(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            fields = [f for f in string.Formatter().parse(v) if f[1] is not None]
+        except ValueError as exc:  # unbalanced braces
+            raise ValueError(f"not a valid template ({exc}); write literal braces as {{{{ }}}}")
+        for _, name, spec, conversion in fields:
+            if name != "problem" or spec or conversion:
+                shown = "{" + name + (f"!{conversion}" if conversion else "") + \
+                        (f":{spec}" if spec else "") + "}"
+                raise ValueError(f"the only field allowed is {{problem}}, found {shown}")
+        if not fields:
             raise ValueError("must contain {problem}")
         return v
 
@@ -98,13 +126,15 @@ class StepOut(BaseModel):
     entropy_sum: float
     entropy_mean: float
     entropy_max: float
+    score: float = Field(description="What pruning ranked this step by (see step_score).")
 
     @classmethod
     def from_step(cls, s) -> StepOut:
         """From a `stepzip.steps.Step`."""
         return cls(index=s.index, text=s.text, token_start=s.token_start,
                    token_end=s.token_end, tokens=s.n_tokens, entropy_sum=s.entropy_sum,
-                   entropy_mean=s.entropy_mean, entropy_max=s.entropy_max)
+                   entropy_mean=s.entropy_mean, entropy_max=s.entropy_max,
+                   score=s.entropy_sum if s.score is None else s.score)
 
 
 class VariantOut(BaseModel):
@@ -117,10 +147,15 @@ class VariantOut(BaseModel):
     compressed_text: str
     n_steps: int
     n_skipped: int
-    tokens_before: int
-    tokens_after: int = Field(description="Tokens of the compressed reasoning, markers included.")
-    reduction: float = Field(description="1 - tokens_after / tokens_before.")
+    tokens_before: int = Field(description="Tokens of the reasoning text, encoded by the "
+                                           "model's tokenizer as tokens_after is.")
+    tokens_after: int = Field(description="Tokens of the compressed reasoning text, markers "
+                                          "included (every strategy: as written).")
+    reduction: float = Field(description="1 - tokens_after / tokens_before (0 when nothing "
+                                         "was removed).")
     answer_text: str | None = None
+    answer_finish_reason: str | None = Field(
+        None, description="Why the answer generation stopped ('length': cut off).")
     extracted_answer: str | None = None
     correct: bool | None = None
 
@@ -128,6 +163,10 @@ class VariantOut(BaseModel):
 class TokenOut(BaseModel):
     ids: list[int]
     entropies: list[float]
+    pieces: list[str] = Field(description="The text each token adds to the completion "
+                                          "(''.join(pieces) == completion).")
+    logprobs: list[float] | None = Field(
+        None, description="Logprob of each sampled token (step_score='sampled' only).")
 
 
 class TraceOut(BaseModel):

@@ -35,6 +35,24 @@ def server(default_model_dir, weights_root):
 
 
 @pytest.fixture(scope="session")
+def vllm_server(default_model_dir):
+    """vLLM's own OpenAI server on the same model folder and flags as `server`, with the
+    logprobs mode TRL 1.16's `vllm_serve` uses (stepzip's default): the reference for
+    test_openai.py and test_parity.py."""
+    import sys
+
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(default_model_dir), "--served-model-name", "smollm2",
+               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
+               "--logprobs-mode", "processed_logprobs", "--host", "127.0.0.1"]
+    proc = ServerProcess(command=command, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
+    proc.command += ["--port", str(proc.port)]
+    with proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
 def client(server):
     with StepzipClient(server.url, timeout=600) as c:
         yield c

@@ -1,32 +1,19 @@
 """OpenAI-shaped routes with real clients: TRL's VLLMClient (compared with vLLM's own
-server on the same model) and the openai SDK, streaming included; the stepzip extension."""
+server on the same model, `vllm_server` in conftest.py) and the openai SDK, streaming
+included; the stepzip extension; weight reloads under load."""
 
 from __future__ import annotations
 
-import sys
+import json
+import math
+import re
 
 import httpx
 import pytest
 
-from clients.launcher import ServerProcess
-
 pytestmark = pytest.mark.engine
 
 PROMPTS = ["The capital of France is", "Two plus two equals"]
-
-
-@pytest.fixture(scope="module")
-def vllm_server(default_model_dir):
-    """vLLM's own OpenAI server on the same model and dtype, for structure comparison."""
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(default_model_dir), "--served-model-name", "smollm2",
-               "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
-               "--host", "127.0.0.1"]
-    proc = ServerProcess(command=command, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
-    proc.command += ["--port", str(proc.port)]
-    with proc:
-        yield proc
 
 
 def _structure(value):
@@ -58,7 +45,7 @@ def test_trl_vllm_client_generate_matches_vllm_serve(server, vllm_server):
     assert _structure(a) == _structure(b)
     assert a["completion_ids"] == b["completion_ids"]
     for x, y in zip(a["logprobs"], b["logprobs"]):
-        assert [round(v[0], 3) for v in x] == [round(v[0], 3) for v in y]
+        assert all(math.isclose(u[0], v[0], abs_tol=1e-4) for u, v in zip(x, y, strict=True))
 
     # token-id prompts keep the shape
     sampled = ours.generate(a["prompt_ids"], n=14, max_tokens=6, temperature=1.0, top_k=20)
@@ -134,21 +121,66 @@ def test_stepzip_extension_rides_along(server):
     assert len({tuple(c["token_ids"]) for c in choices[:3]}) > 1
 
 
-def test_openai_routes_reject_bad_input_with_422(server):
-    cases = [({"prompt": "", "max_tokens": 4}, "prompt"),
-             ({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
+def test_openai_routes_answer_bad_input_as_vllm_does(server):
+    """400 with vLLM's body naming the field, before anything is generated."""
+    cases = [({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
              ({"prompt": "hi", "temperature": -1}, "temperature"),
-             ({"prompt": "hi", "echo": True}, "echo"),
-             ({"prompt": "hi", "bogus_field": 1}, "bogus_field"),
-             ({"prompt": [[]], "max_tokens": 4}, "prompt"),
-             ({"prompt": "hi", "max_tokens": 4, "logit_bias": {"x": 1.0}}, "logit_bias")]
+             ({"prompt": "hi", "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
+             ({"prompt": "hi", "max_tokens": 4, "logit_bias": {"999999": 1.0}}, "logit_bias"),
+             ({"prompt": "hi", "max_tokens": 4, "logit_bias": {"5": float("nan")}},
+              "logit_bias"),
+             ({"prompt": "hi", "max_tokens": 4, "stop_token_ids": [999999]},
+              "stop_token_ids"),
+             ({"prompt": [999999], "max_tokens": 4}, "prompt"),
+             ({"prompt": "a\ud800b", "max_tokens": 4}, "prompt"),
+             ({"prompt": "hi", "n": 65}, "n"),
+             ({"prompt": "hi", "logprobs": 21}, "logprobs")]
     for body, field in cases:
-        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
-        assert r.status_code == 422, (body, r.text)
-        text = r.text
-        assert field in text or "body" in text, (field, text)
+        r = httpx.post(server.url + "/v1/completions", content=json.dumps(body),
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["code"] == 400 and field in error["message"], (field, error)
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"})
+    assert r.status_code == 400  # templates are code: refused without the opt-in
+    assert "chat template" in r.json()["error"]["message"].lower()
     r = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "hi"})
-    assert r.status_code == 404
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_openai_sdk_bad_request_names_the_field(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    for kwargs, field in [({"temperature": -1}, "temperature"), ({"n": 65}, "n"),
+                          ({"extra_body": {"stepzip": {"bogus": 1}}}, "stepzip")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="smollm2", prompt="hi", max_tokens=4, **kwargs)
+        assert field in str(caught.value), str(caught.value)
+
+
+def test_trl_sequence_logprobs_structured_outputs_and_cache_reset(server, vllm_server):
+    from trl.generation.vllm_client import VLLMClient
+
+    ours, theirs = VLLMClient(base_url=server.url), VLLMClient(base_url=vllm_server.url)
+    sequences = [[504, 3575, 282, 4649, 314], [7465, 2, 30, 31]]
+    a = ours.get_sequence_logprobs(sequences, [2, 1], top_logprobs=5)
+    b = theirs.get_sequence_logprobs(sequences, [2, 1], top_logprobs=5)
+    assert a["logprob_token_ids"] == b["logprob_token_ids"]
+    for x, y in zip(a["actual_logprobs"], b["actual_logprobs"], strict=True):
+        assert all(math.isclose(u[0], v[0], abs_tol=1e-4) for u, v in zip(x, y, strict=True))
+
+    a = ours.generate(PROMPTS, max_tokens=6, temperature=0.0, structured_outputs_regex="[0-9]{3}")
+    b = theirs.generate(PROMPTS, max_tokens=6, temperature=0.0,
+                        structured_outputs_regex="[0-9]{3}")
+    assert a["completion_ids"] == b["completion_ids"]
+    text = httpx.post(server.url + "/v1/completions", json={
+        "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0,
+        "structured_outputs": {"regex": "[0-9]{3}"}}, timeout=60).json()["choices"][0]["text"]
+    assert re.fullmatch("[0-9]{3}", text)
+
+    ours.reset_prefix_cache()  # vLLM's server has it only with VLLM_SERVER_DEV_MODE=1
 
 
 def _greedy(server, prompt="Once upon a time") -> list[int]:
@@ -222,18 +254,18 @@ def test_trl_weight_sync_surface_answers(server):
     client = VLLMClient(base_url=server.url)
     assert client.get_world_size() == 1
     info = client.get_server_info()
-    assert "logprobs_mode" in info["model_config"]
+    # TRL's GRPO trainer warns unless the server reports TRL's own logprobs mode
+    assert info["model_config"]["logprobs_mode"] == "processed_logprobs"
     assert info["parallel_config"]["data_parallel_size"] == 1
     assert httpx.post(server.url + "/reset_prefix_cache", timeout=60).status_code == 200
 
 
 def test_sse_stream_with_n_and_stepzip_matches_non_streaming(server):
-    import json
-
     body = {"prompt": PROMPTS, "n": 2, "max_tokens": 10, "temperature": 0.8, "seed": 9,
-            "return_token_ids": True, "stepzip": {"entropies": True}}
+            "logprobs": 0, "return_token_ids": True, "stepzip": {"entropies": True}}
     plain = httpx.post(server.url + "/v1/completions", json=body, timeout=300).json()
     texts: dict[int, str] = {}
+    ids: dict[int, list[int]] = {}
     finals: dict[int, dict] = {}
     with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True},
                       timeout=300) as r:
@@ -242,12 +274,19 @@ def test_sse_stream_with_n_and_stepzip_matches_non_streaming(server):
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
         for choice in json.loads(line[len("data: "):])["choices"]:
-            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            i = choice["index"]
+            # deltas: each chunk carries its own tokens with their logprobs
+            assert len(choice["logprobs"]["token_logprobs"]) == len(choice["token_ids"])
+            texts[i] = texts.get(i, "") + choice["text"]
+            ids[i] = ids.get(i, []) + choice["token_ids"]
             if choice.get("finish_reason"):
-                finals[choice["index"]] = choice
+                finals[i] = choice
+            else:
+                assert "stepzip" not in choice
     assert sorted(texts) == [0, 1, 2, 3]
     for c in plain["choices"]:
         assert texts[c["index"]] == c["text"]
-        final = finals[c["index"]]
-        assert final["token_ids"] == c["token_ids"]
-        assert len(final["stepzip"]["entropies"]) == len(c["token_ids"])
+        assert ids[c["index"]] == c["token_ids"]
+        streamed = finals[c["index"]]["stepzip"]["entropies"]
+        assert all(math.isclose(a, b, abs_tol=1e-4)
+                   for a, b in zip(streamed, c["stepzip"]["entropies"], strict=True))

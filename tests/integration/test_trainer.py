@@ -20,11 +20,12 @@ import httpx
 import pytest
 
 from clients.launcher import ServerProcess
-from trainer.build_sft import build_sft
-from trainer.cli import serve_argv
-from trainer.config import TINY, BuildSftConfig, GrpoRunConfig, SftRunConfig
-from trainer.grpo import METRICS_FILE, read_metrics, run_grpo
 from stepzip.rewards import COMPONENTS
+from trainer.build_sft import build_sft
+from trainer.config import BuildSftConfig, GrpoRunConfig, SftRunConfig, with_preset
+from trainer.grpo import run_grpo
+from trainer.metrics import GRPO_PLOT, METRICS_FILE, read_metrics
+from trainer.pipeline import disk_usage, serve_argv
 from trainer.sft import run_sft
 
 pytestmark = pytest.mark.engine
@@ -47,8 +48,8 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pairs(request, server, client, run_dir):
     """build-sft on the shared server; a rerun then finds every problem done."""
-    cfg = BuildSftConfig(**{**TINY[BuildSftConfig], "url": server.url,
-                            "output": str(run_dir / "sft.jsonl")})
+    cfg = with_preset(BuildSftConfig, "tiny", url=server.url,
+                      output=str(run_dir / "sft.jsonl"))
     SECONDS["shared_server_start"] = server.startup_s or 0.0
     t = time.perf_counter()
     stats = build_sft(cfg, client=client)
@@ -65,8 +66,8 @@ def pairs(request, server, client, run_dir):
 
 @pytest.fixture(scope="module")
 def sft_dir(pairs, default_model_dir, run_dir) -> Path:
-    cfg = SftRunConfig(**{**TINY[SftRunConfig], "model": str(default_model_dir),
-                          "data": pairs[0].output, "output_dir": str(run_dir / "sft")})
+    cfg = with_preset(SftRunConfig, "tiny", model=str(default_model_dir),
+                      data=pairs[0].output, output_dir=str(run_dir / "sft"))
     t = time.perf_counter()
     summary = run_sft(cfg)
     SECONDS["sft"] = time.perf_counter() - t
@@ -92,8 +93,8 @@ def grpo_server(sft_dir, run_dir):
 
 @pytest.fixture(scope="module")
 def grpo_runs(grpo_server, sft_dir, run_dir):
-    cfg = GrpoRunConfig(**{**TINY[GrpoRunConfig], "model": str(sft_dir),
-                           "url": grpo_server.url, "output_dir": str(run_dir / "grpo")})
+    cfg = with_preset(GrpoRunConfig, "tiny", model=str(sft_dir), url=grpo_server.url,
+                      output_dir=str(run_dir / "grpo"))
     t = time.perf_counter()
     first = run_grpo(cfg)
     SECONDS["grpo"] = time.perf_counter() - t
@@ -177,7 +178,7 @@ def test_grpo_logs_every_reward_component_per_step(grpo_runs) -> None:
             assert key in record, key
         timing = record["timing"]
         assert timing["rollout_s"] > 0 and timing["sync_s"] > 0
-    assert (Path(cfg.output_dir) / "rewards.png").stat().st_size > 0
+    assert (Path(cfg.output_dir) / GRPO_PLOT).stat().st_size > 0
 
 
 def test_grpo_checkpoint_and_resume(grpo_runs) -> None:
@@ -196,3 +197,18 @@ def test_grpo_checkpoint_and_resume(grpo_runs) -> None:
     # ...and they are exactly the weights the server held after step 2.
     assert resumed["syncs"][0]["checksum"] == first["syncs"][-1]["checksum"]
     assert (out / "final" / "model.safetensors").is_file()
+    # Resuming needs no optimizer state; none was written.
+    assert not list(out.rglob("optimizer.pt"))
+
+
+def test_tiny_run_stays_small_on_disk_and_readable(grpo_runs, sft_dir, run_dir) -> None:
+    # The issue's budget for the tiny pipeline: 1.5 GB (it was 3.1 GB with an optimizer in
+    # every checkpoint and four weight copies).
+    used = disk_usage(run_dir)
+    print(f"\ntiny run on disk: {used / 1e9:.2f} GB")
+    assert used <= 1.5e9
+    for folder in (sft_dir, Path(grpo_runs[0].output_dir) / "final"):
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+        assert "[None]" not in (folder / "README.md").read_text()
+    assert (sft_dir / "sft_loss.png").stat().st_size > 0
+    assert read_metrics(sft_dir / METRICS_FILE)

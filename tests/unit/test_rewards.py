@@ -13,11 +13,9 @@ from stepzip.rewards import (
     count_skips,
     count_steps,
     make_trl_reward_funcs,
-    reward_components,
     skip_count_reward,
     skip_ratio,
     skip_ratio_reward,
-    total_reward,
 )
 
 CFG = RewardConfig()
@@ -30,37 +28,48 @@ def _completion(kept: int, skipped: int, answer: str = "42", marker: str = "[SKI
     return "\n\n".join(steps) + f"\n</think>\nThe answer is {answer}."
 
 
+def _rewards(text: str, gold: str | None, n_tokens: int, cfg: RewardConfig = CFG, *,
+             ids: list[int] | None = None, tokenizer=None) -> dict[str, float]:
+    """Every component of one completion as training computes it (the functions
+    make_trl_reward_funcs gives TRL); a switched-off component is 0.0."""
+    ids = ids if ids is not None else [1] * n_tokens
+    funcs = make_trl_reward_funcs(cfg, tokenizer)
+    got = {f.__name__: f(prompts=["p"], completions=[text], completion_ids=[ids],
+                         answer=[gold])[0] for f in funcs}
+    return {name: got.get(name, 0.0) for name in COMPONENTS}
+
+
 # --- correctness -------------------------------------------------------------------------
 
 
 def test_correct_answer_after_think_close_earns_reward() -> None:
-    parts = reward_components(_completion(1, 4), "42", 10, CFG)
+    parts = _rewards(_completion(1, 4), "42", 10, CFG)
     assert parts["correctness"] == 2.0
 
 
 def test_wrong_answer_earns_nothing() -> None:
-    assert reward_components(_completion(1, 4, "41"), "42", 10, CFG)["correctness"] == 0.0
+    assert _rewards(_completion(1, 4, "41"), "42", 10, CFG)["correctness"] == 0.0
 
 
 def test_equivalent_answer_forms_are_correct() -> None:
     text = "Half of it.\n</think>\n$\\boxed{\\frac{1}{2}}$"
-    assert reward_components(text, "0.5", 10, CFG)["correctness"] == 2.0
+    assert _rewards(text, "0.5", 10, CFG)["correctness"] == 2.0
 
 
 def test_without_think_close_correctness_is_zero_and_whole_text_is_reasoning() -> None:
     text = "Step.\n\n[SKIP]\n\n[SKIP]\n\n[SKIP]\n\n[SKIP]\n\nThe answer is 42."
-    parts = reward_components(text, "42", 10, CFG)
+    parts = _rewards(text, "42", 10, CFG)
     assert parts["correctness"] == 0.0
     assert parts["skip_ratio"] == 0.5  # 4 skips of 6 steps, the answer step included
 
 
 def test_answer_only_in_reasoning_is_not_credited() -> None:
     text = "The answer is 42.\n</think>\nI am not sure."
-    assert reward_components(text, "42", 10, CFG)["correctness"] == 0.0
+    assert _rewards(text, "42", 10, CFG)["correctness"] == 0.0
 
 
 def test_missing_gold_gives_no_correctness() -> None:
-    assert reward_components(_completion(1, 4), None, 10, CFG)["correctness"] == 0.0
+    assert _rewards(_completion(1, 4), None, 10, CFG)["correctness"] == 0.0
 
 
 # --- skip ratio --------------------------------------------------------------------------
@@ -79,7 +88,7 @@ def test_skip_ratio_tiers(ratio: float, reward: float) -> None:
     [(1, 4, 1.0), (2, 8, 1.0), (20001, 79999, 0.5), (1, 1, 0.5), (51, 49, 0.0), (3, 0, 0.0)],
 )
 def test_skip_ratio_component_from_counted_steps(kept: int, skipped: int, reward: float) -> None:
-    parts = reward_components(_completion(kept, skipped), "42", 10, CFG)
+    parts = _rewards(_completion(kept, skipped), "42", 10, CFG)
     assert parts["skip_ratio"] == reward
 
 
@@ -104,7 +113,7 @@ def test_custom_thresholds_and_rewards() -> None:
 def test_custom_delimiter_and_marker() -> None:
     cfg = replace(CFG, step_delimiter="\n", marker="<skip>")
     text = "a\n<skip>\n<skip>\n<skip>\n<skip>\n</think>42"
-    parts = reward_components(text, "42", 10, cfg)
+    parts = _rewards(text, "42", 10, cfg)
     assert parts["skip_ratio"] == 1.0
     assert parts["correctness"] == 2.0
 
@@ -119,7 +128,7 @@ def test_skip_count_threshold(n_skips: int, reward: float) -> None:
 
 @pytest.mark.parametrize(("skipped", "reward"), [(100, 0.0), (101, -2.0)])
 def test_skip_count_component(skipped: int, reward: float) -> None:
-    parts = reward_components(_completion(1, skipped), "42", 10, CFG)
+    parts = _rewards(_completion(1, skipped), "42", 10, CFG)
     assert parts["skip_count"] == reward
 
 
@@ -128,7 +137,7 @@ def test_skip_count_component(skipped: int, reward: float) -> None:
 
 @pytest.mark.parametrize(("n_tokens", "reward"), [(3499, 0.0), (3500, 0.0), (3501, -1.0)])
 def test_length_threshold(n_tokens: int, reward: float) -> None:
-    assert reward_components(_completion(1, 4), "42", n_tokens, CFG)["length"] == reward
+    assert _rewards(_completion(1, 4), "42", n_tokens, CFG)["length"] == reward
 
 
 # --- special-token [SKIP] ----------------------------------------------------------------
@@ -139,7 +148,7 @@ def test_skips_counted_from_ids_when_decoding_dropped_them() -> None:
     ids = [1, SKIP_ID, 2, SKIP_ID, SKIP_ID, 3, SKIP_ID, 4]
     assert count_skips(text) == 0
     assert count_skips(text, ids, SKIP_ID) == 4
-    parts = reward_components(text, "42", len(ids), CFG, completion_ids=ids, skip_token_id=SKIP_ID)
+    parts = _rewards(text, "42", len(ids), CFG, ids=ids, tokenizer=FakeTokenizer())
     assert parts["skip_ratio"] == 1.0  # 4 skips, 1 kept step
 
 
@@ -147,7 +156,7 @@ def test_skips_not_double_counted_when_text_kept_them() -> None:
     text = _completion(1, 4)
     ids = [1, SKIP_ID, SKIP_ID, SKIP_ID, SKIP_ID, 2]
     assert count_skips(text, ids, SKIP_ID) == 4
-    parts = reward_components(text, "42", 6, CFG, completion_ids=ids, skip_token_id=SKIP_ID)
+    parts = _rewards(text, "42", 6, CFG, ids=ids, tokenizer=FakeTokenizer())
     assert parts["skip_ratio"] == 1.0
 
 
@@ -160,17 +169,17 @@ def test_skips_counted_from_text_without_a_skip_token() -> None:
 
 
 def test_all_components_present_and_summed() -> None:
-    parts = reward_components(_completion(1, 4), "42", 3501, CFG)
+    parts = _rewards(_completion(1, 4), "42", 3501, CFG)
     assert list(parts) == list(COMPONENTS)
     assert parts == {"correctness": 2.0, "skip_ratio": 1.0, "skip_count": 0.0, "length": -1.0}
-    assert total_reward(parts) == 2.0
+    assert sum(parts.values()) == 2.0  # TRL sums the functions, weight 1 each
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_switched_off_component_gives_zero(component: str) -> None:
     text = _completion(1, 101)  # every component non-zero when on
-    on = reward_components(text, "42", 5000, CFG)
-    off = reward_components(text, "42", 5000, replace(CFG, **{component: False}))
+    on = _rewards(text, "42", 5000, CFG)
+    off = _rewards(text, "42", 5000, replace(CFG, **{component: False}))
     assert on[component] != 0.0
     assert off[component] == 0.0
     assert {k: v for k, v in off.items() if k != component} == {
@@ -209,6 +218,13 @@ class FakeTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [1] * len(text.split())
+
+    pieces: ClassVar[dict[int, str]] = {
+        SKIP_ID: "[SKIP]", 5: "Step", 6: "\n\n", 7: "\n</think>\n", 8: "The answer is 42."}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join("" if i == SKIP_ID and skip_special_tokens else self.pieces.get(i, "x")
+                       for i in ids)
 
 
 def _call_all(funcs: list, completions: list, ids: list | None, golds: list) -> dict:
@@ -253,11 +269,43 @@ def test_trl_funcs_with_chat_completions() -> None:
 
 def test_trl_funcs_count_special_skip_token_from_ids() -> None:
     text = _completion(1, 4, marker="")
-    ids = [[5, SKIP_ID, SKIP_ID, SKIP_ID, SKIP_ID, 6]]
+    ids = [[5, 6, SKIP_ID, 6, SKIP_ID, 6, SKIP_ID, 6, SKIP_ID, 7, 8]]
     with_tokenizer = _call_all(make_trl_reward_funcs(CFG, FakeTokenizer()), [text], ids, ["42"])
     text_only = _call_all(make_trl_reward_funcs(CFG), [text], ids, ["42"])
     assert with_tokenizer["skip_ratio"] == [1.0]
     assert text_only["skip_ratio"] == [0.0]
+
+
+def test_skip_tokens_after_the_reasoning_do_not_count() -> None:
+    # One real step, no pruning; the model writes markers in its answer (after </think>).
+    text = "Step\n\n</think>\nThe answer is 42. [SKIP][SKIP][SKIP][SKIP]"
+    parts = _rewards(text, "42", 10, CFG)
+    assert parts["skip_ratio"] == 0.0
+    assert count_skips(text) == 0
+    ids = [5, 6, 7, 8, SKIP_ID, SKIP_ID, SKIP_ID, SKIP_ID]
+    decode = FakeTokenizer().decode
+    assert count_skips("Step\n\n</think>\nThe answer is 42.", ids, SKIP_ID,
+                       decode=lambda i: decode(i, skip_special_tokens=False)) == 0
+    [ratio] = make_trl_reward_funcs(
+        replace(CFG, correctness=False, skip_count=False, length=False), FakeTokenizer())
+    assert ratio([], ["Step\n\n</think>\nThe answer is 42."], [ids]) == [0.0]
+
+
+def test_skip_count_penalty_counts_reasoning_markers_only() -> None:
+    text = "Step\n\n</think>\nThe answer is 42." + " [SKIP]" * 150
+    assert _rewards(text, "42", 10, CFG)["skip_count"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    ["a\n\n\nb", "a\r\n\r\nb", "\n\na\n\nb", "a\n\n \n\nb\n\n\n"],
+)
+def test_steps_are_counted_as_segment_cuts_them(reasoning: str) -> None:
+    from stepzip.steps import segment, token_char_offsets
+
+    steps = segment(reasoning, token_char_offsets(list(reasoning)), None,
+                    span=(0, len(reasoning)))
+    assert count_steps(reasoning, "\n\n") == len(steps) == 2
 
 
 def test_trl_length_from_tokenizer_when_ids_are_absent() -> None:

@@ -147,9 +147,24 @@ def test_no_marker_and_no_tags_keeps_the_whole_text() -> None:
     assert reasoning_span("just thinking\n\nstill") == (0, len("just thinking\n\nstill"))
 
 
-def test_open_tag_without_close_tag_starts_after_it() -> None:
+def test_open_tag_without_close_tag_is_an_unfinished_thought() -> None:
+    # The open tag says a thinking model wrote this; without its close tag the whole
+    # rest is reasoning, a tentative "The answer is" included.
     text = "<think>Work.\n\nThe answer is 4."
-    assert reasoning_span(text) == (len("<think>"), text.index("The answer"))
+    assert reasoning_span(text) == (len("<think>"), len(text))
+
+
+def test_thinking_trace_cut_off_before_the_close_tag_is_all_reasoning() -> None:
+    # The case: a thinking model stopped by max_tokens mid-thought.
+    text = "First, 3+4=7.\n\nSo the answer is 7.\n\nWait, re-check: 3+5=8.\n\nHmm"
+    assert reasoning_span(text, thinking=True) == (0, len(text))
+    steps = segment(text, token_char_offsets(list(text)), None, thinking=True)
+    assert [s.text for s in steps][-1] == "Hmm" and len(steps) == 4
+
+
+def test_thinking_trace_with_close_tag_still_ends_there() -> None:
+    text = "Add.\n\nThe answer is 4.\n</think>\n4"
+    assert reasoning_span(text, thinking=True) == (0, text.index("</think>"))
 
 
 @pytest.mark.parametrize("argument", ["think_open", "think_close"])
@@ -452,3 +467,58 @@ def test_segmentation_with_smollm2_tokenizer(smollm2_tokenizer) -> None:
     for step in steps:
         assert "".join(pieces[step.token_start : step.token_end]) == step.text
         assert step.entropy_sum == step.n_tokens
+
+
+# ---------------------------------------------------------------------------
+# CRLF line breaks
+
+
+@pytest.mark.parametrize("delimiter", ["\n\n", "\n"])
+def test_crlf_text_is_cut_like_lf_text(delimiter: str) -> None:
+    lf = "Add 3 and 4.\n\nThat is 7.\n\nDouble it: 14."
+    crlf = lf.replace("\n", "\r\n")
+    lf_steps = segment(lf, token_char_offsets(list(lf)), None, delimiter=delimiter)
+    crlf_steps = segment(crlf, token_char_offsets(list(crlf)), None, delimiter=delimiter)
+    assert len(crlf_steps) == len(lf_steps) == 3
+    assert [s.text.replace("\r\n", "\n") for s in crlf_steps] == [s.text for s in lf_steps]
+    assert "".join(s.text for s in crlf_steps) == crlf
+
+
+# ---------------------------------------------------------------------------
+# step scores
+
+
+def _scored(score: str, logprobs=None) -> list[Step]:
+    text = "ab\n\ncde\n\nf"
+    entropies = [1.0, 2.0, 0.0, 0.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.5]
+    return segment(text, token_char_offsets(list(text)), entropies, score=score,
+                   sampled_logprobs=logprobs)
+
+
+def test_sum_score_is_the_entropy_sum_and_the_default() -> None:
+    steps = _scored("sum")
+    assert [s.score for s in steps] == [s.entropy_sum for s in steps] == [3.0, 9.0, 0.5]
+
+
+def test_mean_score_is_the_entropy_mean() -> None:
+    steps = _scored("mean")
+    assert [s.score for s in steps] == pytest.approx([0.75, 1.8, 0.5])
+
+
+def test_sampled_score_is_the_mean_of_minus_p_log_p_of_the_sampled_token() -> None:
+    logprobs = [math.log(0.5)] * 4 + [0.0] * 5 + [-math.inf]
+    steps = _scored("sampled", logprobs)
+    half = -0.5 * math.log(0.5)
+    # step 0: 4 tokens of p=0.5; step 1: p=1 (score 0); step 2: p=0 (the limit, 0).
+    assert [s.score for s in steps] == pytest.approx([half, 0.0, 0.0])
+    assert steps[0].entropy_sum == 3.0  # the entropy statistics are unchanged
+
+
+@pytest.mark.parametrize(
+    ("score", "logprobs", "message"),
+    [("median", None, "score"), ("sampled", None, "sampled_logprobs"),
+     ("sampled", [0.0], "sampled_logprobs"), ("sampled", [0.5] * 10, "logprobs")],
+)
+def test_bad_score_arguments_are_rejected(score, logprobs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _scored(score, logprobs)

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from clients.client import StepzipError
-from stepzip.schemas import compress as schemas
 from stepzip.data import Problem
+from stepzip.schemas import compress as schemas
 from trainer.build_sft import (
     JsonlLog,
     answer_line,
@@ -17,6 +17,7 @@ from trainer.build_sft import (
     format_completion,
     pairs_from_result,
     sidecar,
+    within_length,
 )
 from trainer.config import BuildSftConfig
 
@@ -72,6 +73,28 @@ def test_empty_compression_is_dropped() -> None:
     rows, reason = pairs_from_result(_result("p", text="", n_steps=0),
                                      BuildSftConfig(keep="all"), "\n", "Q", "gsm8k")
     assert rows == [] and reason == "empty"
+
+
+def test_cut_off_answer_is_dropped_not_a_target() -> None:
+    result = _result("p", answer=" 7 because 3 + 4 = 7 and then")
+    result["traces"][0]["variants"][0]["answer_finish_reason"] = "length"
+    rows, reason = pairs_from_result(result, BuildSftConfig(keep="all"), "\n", "Q", "x")
+    assert rows == [] and reason == "answer-cut-off"
+    gold = pairs_from_result(result, BuildSftConfig(keep="all", answer_from="gold"), "\n",
+                             "Q", "x")[0]
+    assert len(gold) == 1  # the gold answer is written in full whatever the model did
+
+
+def test_over_long_pairs_are_dropped_whole(smollm2_tokenizer) -> None:
+    def count(text: str) -> int:
+        return len(smollm2_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    short = {"prompt": PLAIN_PROMPT, "completion": "a\n</think>\n\nThe answer is 7."}
+    long = {"prompt": PLAIN_PROMPT, "completion": "word " * 500 + "\n</think>\n\n7"}
+    fits = count(short["prompt"]) + count(short["completion"]) + 1
+    kept, dropped = within_length([short, long], count, fits)
+    assert kept == [short] and dropped == 1
+    assert within_length([short], count, fits - 1) == ([], 1)
 
 
 def test_thinking_prompt_uses_the_answer_as_written() -> None:

@@ -1,5 +1,6 @@
 """GRPO stage without an engine: rollout contract, rewards + diagnostics, weight sync,
-metrics, checkpoints and resume, with a tiny random Llama and a fake stepzip server."""
+metrics, checkpoints and resume, with a tiny random Llama and an in-process stand-in for
+the stepzip server's HTTP routes."""
 
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from stepzip.data import Problem
-from trainer.config import GrpoRunConfig
-from trainer.grpo import (
-    METRICS_FILE,
-    StepTimes,
-    completion_diagnostics,
-    group_prompts,
-    make_reward_funcs,
-    plot_metrics,
-    read_metrics,
-    time_split,
-)
 from stepzip.rewards import RewardConfig
+from trainer.config import GrpoRunConfig
+from trainer.grpo import time_split
+from trainer.metrics import METRICS_FILE, plot_grpo, read_metrics
+from trainer.rewards import completion_diagnostics, make_reward_funcs
+from trainer.rollout import StepTimes, group_prompts
 
 CFG = RewardConfig(step_delimiter="\n")
 
@@ -105,7 +100,7 @@ def test_metrics_merge_per_step_split_and_plot(tmp_path) -> None:
     split = time_split(records)
     assert split["rollout_s"] == 3.5 and split["sync_s"] == 2.0
     assert split["checkpoint_s"] == 0.5
-    png = plot_metrics(path, tmp_path / "r.png")
+    png = plot_grpo(path, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -179,6 +174,9 @@ class FakeServer:
     def weight_version(self) -> str:
         return self.version
 
+    def wait_ready(self, timeout: float = 0) -> dict:
+        return {"status": "ok"}
+
     def close(self) -> None:
         pass
 
@@ -223,7 +221,7 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
     cfg = GrpoRunConfig(model=str(folder), url="http://fake", output_dir=str(run_dir),
                         num_generations=4, prompts_per_step=2, max_completion_length=32,
                         max_steps=2, save_steps=1, save_total_limit=2, learning_rate=1e-3,
-                        dtype="float32", keep_syncs=1, plot=True)
+                        dtype="float32", plot=True)
     summary = grpo.run_grpo(cfg, problems=problems, log=lambda m: None)
 
     # One weight load per optimizer step, each a new version and new weights.
@@ -231,7 +229,9 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
     assert fake.loads[0]["checksum"] != fake.loads[1]["checksum"]
     assert [s["version_after"] for s in summary["syncs"]] == ["v1", "v2"]
     assert summary["weight_version_end"] == "v2"
-    assert sorted(p.name for p in (run_dir / "sync").iterdir()) == ["step-000002"]
+    # The last push became final/ (moved, not copied); older pushes are gone.
+    assert list((run_dir / "sync").iterdir()) == []
+    assert summary["final_dir"] == str(run_dir / "final")
     # K=4 per prompt, asked once per distinct prompt with n=4.
     assert all(b["n"] == 4 and len(b["prompt"]) <= cfg.request_prompts for b in fake.bodies)
     records = read_metrics(run_dir / METRICS_FILE)
@@ -245,10 +245,21 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
         assert "completions/mean_length" in r
         assert r["timing"]["rollout_s"] > 0 and r["timing"]["sync_s"] > 0
         assert r["weight_version"] == f"v{r['step']}"
-    assert (run_dir / "rewards.png").is_file()
-    assert (run_dir / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (run_dir / "final" / "model.safetensors").is_file()
-    assert (run_dir / "final" / "tokenizer.json").is_file()
+    assert (run_dir / "grpo.png").is_file()
+    checkpoint = run_dir / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file()
+    # Cheap checkpoints: the LoRA adapter, no optimizer state, a truthful model card.
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "optimizer.pt").exists()
+    assert not (checkpoint / "model.safetensors").exists()
+    assert "[None]" not in (checkpoint / "README.md").read_text()
+    assert "[None]" not in (run_dir / "README.md").read_text()  # TRL's card, replaced
+    final = run_dir / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert "[None]" not in (final / "README.md").read_text()
+    for path in [*final.iterdir(), *checkpoint.iterdir()]:
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o644, path
 
     # Resume: the checkpoint's weights are pushed first, then one more step.
     resumed = grpo.run_grpo(GrpoRunConfig(**{**cfg.__dict__, "max_steps": 3,
@@ -258,7 +269,8 @@ def test_grpo_run_syncs_every_step_logs_components_and_resumes(tmp_path, tiny_po
     assert resumed["resumed_from"].endswith("checkpoint-2")
     assert [x["path"] for x in fake.loads] == ["step-000001", "step-000002", "step-000002",
                                                "step-000003"]
-    # The pushed-on-resume weights are the checkpoint's, i.e. what was live at step 2.
+    # The pushed-on-resume weights are the checkpoint's, i.e. what was live at step 2,
+    # though the checkpoint holds no optimizer state (Adam restarts; the weights do not).
     assert fake.loads[2]["checksum"] == fake.loads[1]["checksum"]
     assert [r["step"] for r in read_metrics(run_dir / METRICS_FILE)] == [1, 2, 3]
     state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())

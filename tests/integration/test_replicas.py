@@ -1,0 +1,118 @@
+"""Scale-out with real engines on the CPU: one data-parallel server (two vLLM engine
+cores, `--data-parallel-size 2`) next to the shared single-engine server.
+
+1. A K = 14 rollout batch sent to the data-parallel server: every request returns its
+   entropies (vLLM 0.32's `collective_rpc` alone would lose those of engine 1) and they
+   match the single-engine server's, greedy.
+2. The two servers as replicas behind one client: `build-sft` uses both; the
+   data-parallel one is killed mid-run; every problem ends up exactly once and the run
+   finishes on the survivor.
+
+One extra server (small: --max-model-len 512, 1 GiB KV cache, 16 sequences per engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clients.client import StepzipClient
+from clients.launcher import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+K = 14
+TOLERANCE = 1e-3  # nats, as the entropy oracle (conftest.TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def dp_server(default_model_dir, tmp_path_factory):
+    # vLLM's CPU workers take one core list per data-parallel rank ("a|b"); both ranks
+    # share the core this test run was given.
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0")
+    if "|" not in bind:
+        bind = f"{bind}|{bind}"
+    argv = ["serve", "--model", str(default_model_dir), "--served-model-name", "smollm2",
+            "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gib", "1",
+            "--max-num-seqs", "16", "--max-problems", "8", "--step-delimiter", "\\n",
+            "--data-parallel-size", "2"]
+    log = tmp_path_factory.mktemp("dp") / "server.log"
+    with ServerProcess(argv, env={"VLLM_CPU_OMP_THREADS_BIND": bind}, log_path=log,
+                       timeout=600) as proc:
+        yield proc
+
+
+def rollout(client: StepzipClient, prompts: list[str]) -> list[dict]:
+    """One greedy request per sample, all in flight at once, as a trainer's batch."""
+    def one(prompt: str) -> dict:
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0.0,
+                "return_token_ids": True, "stepzip": {"entropies": True}}
+        return client.completions(body)["choices"][0]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_k14_batch_on_two_data_parallel_engines_returns_every_entropy(dp_server, server):
+    prompts = ["Tom has 3 apples and buys 4 more. How many apples?",
+               "A train travels 60 miles in 1.5 hours. What is its speed?"] * (K // 2)
+    with StepzipClient(dp_server.url) as dp, StepzipClient(server.url) as single:
+        spread = rollout(dp, prompts)
+        reference = rollout(single, prompts[:2])
+    worst = 0.0
+    for i, choice in enumerate(spread):
+        expected = reference[i % 2]
+        entropies = choice["stepzip"]["entropies"]
+        assert entropies is not None and len(entropies) == len(choice["token_ids"]), i
+        assert choice["token_ids"] == expected["token_ids"], f"request {i}: other tokens"
+        diffs = [abs(a - b) for a, b in zip(entropies, expected["stepzip"]["entropies"])]
+        worst = max(worst, *diffs)
+    assert worst <= TOLERANCE
+    print(f"\n{K} requests over 2 data-parallel engines: worst |diff| vs one engine "
+          f"{worst:.2e} nats")
+
+
+def test_killing_a_replica_mid_build_loses_no_problem(dp_server, server, tmp_path):
+    from trainer.build_sft import build_sft
+    from trainer.config import BuildSftConfig
+
+    n_problems = 24
+    cfg = BuildSftConfig(url=f"{server.url},{dp_server.url}", output=str(tmp_path / "p.jsonl"),
+                         dataset="gsm8k", split="test", limit=n_problems, batch_size=2,
+                         concurrency=4, max_tokens=24, answer_max_tokens=8, keep="all",
+                         retries=0, progress=False)
+    client = StepzipClient(cfg.url, timeout=600, retry_after=600)
+    dp = client.replicas[1]
+    killed = threading.Event()
+
+    def kill_when_busy():  # mid-run: the replica has answered and holds more work
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if dp.completed >= 1 and dp.outstanding >= 1:
+                os.killpg(dp_server.proc.pid, signal.SIGKILL)  # a crash: no goodbyes
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    with client:
+        stats = build_sft(cfg, client=client, log=lambda _m: None)
+    killer.join(timeout=1)
+    assert killed.is_set(), f"the replica was never busy: nothing tested\n{dp_server.tail()}"
+    dp_server.proc.wait(timeout=60)
+    assert dp.failures >= 1 and dp.completed >= 1 and client.replicas[0].completed >= 1
+
+    ids = [json.loads(line)["problem_id"] for name in ("p.jsonl", "p.dropped.jsonl")
+           if (tmp_path / name).exists() for line in (tmp_path / name).read_text().splitlines()]
+    assert sorted(ids) == sorted(f"gsm8k-test-{i}" for i in range(n_problems))  # once each
+    assert stats.failed_batches == 0 and stats.processed == n_problems
+    print(f"\nbuild-sft over 2 replicas, one killed mid-run: {n_problems} problems once each; "
+          f"answered {client.replicas[0].completed} / {dp.completed} requests, "
+          f"{dp.failures} failed over")

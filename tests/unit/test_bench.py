@@ -1,0 +1,71 @@
+"""Benchmark plumbing without servers: the tiny overhead-bound model, TRL's request fields,
+round alternation and the kernel benchmark's report (never its timings)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from clients import bench
+
+
+def test_rollout_requests_carry_what_trl_sends():
+    """Read from trl's VLLMClient.generate source (importing it pulls in vLLM: slow)."""
+    spec = importlib.util.find_spec("trl")
+    source = (Path(spec.origin).parent / "generation" / "vllm_client.py").read_text()
+    generate = next(node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.FunctionDef) and node.name == "generate")
+    args = generate.args.args[-len(generate.args.defaults):]
+    defaults = {a.arg: ast.literal_eval(d) for a, d in zip(args, generate.args.defaults, strict=True)}
+    for field in ("repetition_penalty", "temperature", "top_p", "top_k", "min_p"):
+        assert bench.TRL_SAMPLING[field] == defaults[field], field
+    assert defaults["logprobs"] == 0  # the rollout bench's --logprobs default
+    body = ast.get_source_segment(source, generate)
+    assert '"return_token_ids": True' in body and '"return_tokens_as_token_ids": True' in body
+
+
+def test_rounds_alternate_who_goes_first():
+    assert bench._alternate(["stepzip", "vllm"], 0) == ["stepzip", "vllm"]
+    assert bench._alternate(["stepzip", "vllm"], 1) == ["vllm", "stepzip"]
+
+
+def test_tiny_model_is_built_once_from_the_default_tokenizer(tmp_path, default_model_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = bench.build_tiny_model(tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (2, 128, 64)
+    assert config.vocab_size == AutoConfig.from_pretrained(default_model_dir).vocab_size == 49_152
+    ours, theirs = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(default_model_dir)
+    assert ours.get_vocab() == theirs.get_vocab()
+    weights = folder / "model.safetensors"
+    assert 20e6 < weights.stat().st_size < 40e6
+    stamp = weights.stat().st_mtime_ns
+    assert bench.build_tiny_model(folder) == folder and weights.stat().st_mtime_ns == stamp
+    assert not (tmp_path / "tiny.partial").exists()
+
+
+def test_kernel_benchmark_reports_ratio_and_accuracy(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "kernel", "--rows", "4", "--vocab", "3000", "--rounds", "3"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["benchmark"] == "kernel" and summary["threads"] == 1
+    assert set(summary["median_ms"]) == {"log_softmax", "log_softmax_into_buffer", "kernel",
+                                         "entropy_torch"}
+    assert summary["ratio_kernel_log_softmax"] > 0
+    assert summary["max_abs_err_f64"] < 1e-5
+
+
+@pytest.mark.parametrize("argv", [["--url", "http://a"], ["--logprobs", "x"]])
+def test_rollout_flags_are_checked(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "rollout", *argv])

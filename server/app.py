@@ -1,8 +1,8 @@
 """The FastAPI app: engine lifecycle, routers, the guard and metrics middleware.
 
 Where a request goes: `server/routes/<resource>.py` (one router per resource) ->
-one service object (`server/compressor.py` for /v1/compress) -> `server/engine/engine.py`
-(the façade over vLLM).
+one service object in `server/services/<resource>.py` -> `server/engine/engine.py` (the
+façade over vLLM).
 
 Faults: an engine that dies makes /health, new and in-flight requests answer 503, then
 the process exits with status 1 a moment later (as `vllm serve` does) so a supervisor
@@ -29,6 +29,7 @@ from server.errors import ApiError, api_error_handler, error_response, validatio
 from server.metrics import Metrics
 from server.routes import compress, health, openai, score, viewer, weights
 from server.routes.deps import engine_dead, unauthorized
+from server.services.weights import WeightService
 from server.settings import ServerSettings
 from server.weightgate import HeldUpdate, WeightGate
 
@@ -66,6 +67,8 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.exit_code = 0  # `stepzip serve` exits with it (1 after engine death)
     app.state.gate = WeightGate()
     app.state.gate_hold = HeldUpdate()
+    app.state.weights = WeightService(engine, app.state.settings, app.state.gate,
+                                      app.state.gate_hold)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_middleware(GuardMiddleware, app_state=app.state)
@@ -81,9 +84,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
 
 async def _start(app: FastAPI) -> None:
-    from server.compressor import Compressor
-    from server.scorer import Scorer
+    from server.services.compress import Compressor
     from server.services.openai import OpenAIService
+    from server.services.score import Scorer
 
     engine: Engine = app.state.engine
     try:

@@ -6,6 +6,7 @@ shapes against the model (server/engine/weightcheck.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def read_checkpoint(folder: Path, roots: list[Path]) -> list[tuple[str, list[int
     if not tensors:
         raise CheckpointError("the checkpoint holds no tensors")
     return tensors
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """sha256 over the weight files vLLM loads from `folder`, in name order."""
+    digest = hashlib.sha256()
+    for file in _weight_files(Path(folder)):
+        digest.update(f"{file.name};".encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -42,12 +42,14 @@ def logits_processors(use_v2: bool) -> list[str]:
 
 
 WORKER_EXTENSION = "server.engine.worker_ext.StepzipWorkerExtension"
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()  # what vLLM reports for an emptied parameter
 
 
 def cpu_dtype() -> str:
     """bfloat16 where the CPU computes it natively, else float32 (emulated bf16 is slow)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
     except OSError:
         return "float32"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
@@ -168,7 +170,7 @@ class EntropyFetcher:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_result(merged.get(p.key))
-            except Exception as exc:  # engine dead or RPC failed: fail these requests only
+            except Exception as exc:  # noqa: BLE001 -- engine dead or RPC failed: fail these requests only
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
@@ -231,24 +233,24 @@ class Engine:
         # vLLM's CPU sampler cannot rewind a seeded request's generator after a chunked
         # prefill step and kills the engine; routes refuse `seed` when this is set.
         self.seed_unsafe = on_cpu and chunked
-        kwargs = dict(
-            model=self.model_path,
-            served_model_name=[self.model_name],
-            dtype=cpu_dtype() if (on_cpu and s.dtype == "auto") else s.dtype,
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            tensor_parallel_size=s.tensor_parallel_size,
-            data_parallel_size=s.data_parallel_size,
-            pipeline_parallel_size=s.pipeline_parallel_size,
-            distributed_executor_backend=s.distributed_executor_backend,
-            enforce_eager=s.enforce_eager,
-            seed=s.seed,
-            enable_chunked_prefill=chunked,
-            worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=True,
-            logprobs_mode=s.logprobs_mode,
-            max_logprobs=s.max_logprobs,
-        )
+        kwargs = {
+            "model": self.model_path,
+            "served_model_name": [self.model_name],
+            "dtype": cpu_dtype() if (on_cpu and s.dtype == "auto") else s.dtype,
+            "max_model_len": s.max_model_len,
+            "max_num_seqs": s.max_num_seqs,
+            "tensor_parallel_size": s.tensor_parallel_size,
+            "data_parallel_size": s.data_parallel_size,
+            "pipeline_parallel_size": s.pipeline_parallel_size,
+            "distributed_executor_backend": s.distributed_executor_backend,
+            "enforce_eager": s.enforce_eager,
+            "seed": s.seed,
+            "enable_chunked_prefill": chunked,
+            "worker_extension_cls": WORKER_EXTENSION,
+            "disable_log_stats": True,
+            "logprobs_mode": s.logprobs_mode,
+            "max_logprobs": s.max_logprobs,
+        }
         if s.reasoning_parser:
             kwargs["reasoning_parser"] = s.reasoning_parser
         if not chunked:
@@ -324,11 +326,19 @@ class Engine:
     async def reset_prefix_cache(self) -> None:
         await self.llm.reset_prefix_cache()
 
-    async def checksum(self) -> str:
-        """sha256 over the engine's own per-tensor digests (what is loaded, not the files)."""
+    async def checksum(self, folder: str | None = None) -> str:
+        """sha256 over the engine's own per-tensor digests (what is loaded). vLLM's CPU
+        backend packs linear weights into its GEMM kernels and empties the parameters,
+        so its digests miss them; then, after a load from `folder` (all or nothing), the
+        checksum is of the weight files loaded instead."""
         per_worker = await self.llm.compute_weight_checksums()
+        digests = per_worker[0]
+        if folder is not None and EMPTY_DIGEST in digests.values():
+            from server.checkpoint import checkpoint_digest
+
+            return await asyncio.to_thread(checkpoint_digest, folder)
         digest = hashlib.sha256()
-        for name, value in sorted(per_worker[0].items()):
+        for name, value in sorted(digests.items()):
             digest.update(f"{name}={value};".encode())
         return digest.hexdigest()
 
@@ -347,7 +357,7 @@ class Engine:
         failed = [e for e in errors if e]
         if failed:
             raise WeightLoadError(failed[0])
-        digest = await self.checksum() if checksum else None
+        digest = await self.checksum(path) if checksum else None
         self.weights = WeightVersion(self.weights.n + 1, path, digest)
         return self.weights
 

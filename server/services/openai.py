@@ -36,6 +36,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.engine.client import ChoiceSink, current_sink
 from server.errors import ApiError, invalid
+from stepzip.prompts import style_for
 from stepzip.rewards import count_skips, skip_ratio
 from stepzip.schemas.compress import StepOut
 from stepzip.schemas.openai import ChoiceStepzip, StepzipOptions
@@ -266,7 +267,7 @@ def stepzip_fields(tokenizer, opts: StepzipOptions, token_ids: list[int],
         if opts.entropies:
             out.entropies = entropies
     if text:
-        start, end = reasoning_span(text)
+        start, end = reasoning_span(text, thinking=style_for(tokenizer).thinking)
         out.n_skips = count_skips(text, marker=opts.marker)
         out.skip_ratio = skip_ratio(text[start:end], out.n_skips, delimiter=delimiter,
                                     marker=opts.marker)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stepzip.compression import PruneSpec, validate_spec
 from stepzip.constants import MARKER
 
 Strategy = Literal["low", "high", "random", "token", "adaptive"]
@@ -63,14 +64,9 @@ class VariantSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> VariantSpec:
-        if self.strategy == "adaptive":
-            if (self.threshold is None) == (self.mass is None):
-                raise ValueError("adaptive needs exactly one of threshold or mass")
-            if self.mass is not None and not (0.0 <= self.mass <= 1.0):
-                raise ValueError("mass must be in [0, 1]")
-        else:
-            if self.ratio is None or math.isnan(self.ratio) or not (0.0 <= self.ratio <= 1.0):
-                raise ValueError(f"ratio must be in [0, 1] for strategy {self.strategy!r}")
+        # compress()'s own rules, so a spec accepted here never fails after generating
+        validate_spec(PruneSpec(strategy=self.strategy, ratio=self.ratio, seed=self.seed,
+                                threshold=self.threshold, mass=self.mass))
         return self
 
 

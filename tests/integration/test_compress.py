@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -34,7 +35,7 @@ def test_steps_partition_reasoning_tokens(gsm8k_response):
         steps = trace.steps
         assert steps, "a 96-token trace has at least one step"
         assert steps[0].token_start >= 0
-        for a, b in zip(steps, steps[1:]):
+        for a, b in itertools.pairwise(steps):
             assert a.token_end == b.token_start, "steps are contiguous in tokens"
         assert sum(s.tokens for s in steps) == trace.reasoning_tokens
         assert "".join(s.text for s in steps) == trace.reasoning

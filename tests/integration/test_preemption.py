@@ -27,7 +27,7 @@ def small_kv_client(default_model_dir):
 
 
 def test_entropies_exact_under_preemption(small_kv_client, reference_model, check_traces):
-    client, proc = small_kv_client
+    client, _proc = small_kv_client
     problems = load_problems("gsm8k", "test", limit=8)
     out = client.compress([p.question for p in problems], max_tokens=160, temperature=0.0,
                           answer=False, return_tokens=True)

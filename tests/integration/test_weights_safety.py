@@ -97,3 +97,34 @@ def test_a_sound_checkpoint_passes_the_same_checks(server, default_model_dir):
     new = r.json()["version"]
     assert new != version and _version(server.url) == new
     assert _greedy(server.url) == before
+
+
+def _load(url: str, folder) -> dict:
+    r = httpx.post(url + "/v1/weights/load", json={"path": str(folder), "checksum": True},
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_changed_weights_change_the_checksum_and_the_output(server, default_model_dir,
+                                                            weights_root):
+    """New weights give a new checksum (and new tokens), the original weights the original
+    one back. Only linear layers change: vLLM's CPU backend packs those into its GEMM
+    kernels and empties the parameters, which its own digests then miss."""
+    tensors = load_file(str(default_model_dir / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith("mlp.down_proj.weight")]:
+        tensors[name] = torch.zeros_like(tensors[name])
+    changed_dir = weights_root / "zeroed-mlp"
+    changed_dir.mkdir(exist_ok=True)
+    save_file(tensors, str(changed_dir / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    before = _greedy(server.url)
+    original = _load(server.url, default_model_dir)
+    try:
+        changed = _load(server.url, changed_dir)
+        assert changed["checksum"] != original["checksum"]
+        assert _greedy(server.url) != before
+    finally:
+        restored = _load(server.url, default_model_dir)
+    assert restored["checksum"] == original["checksum"]
+    assert _greedy(server.url) == before

@@ -1,4 +1,4 @@
-"""/v1/compress refuses to prune without entropies (server/compressor.py), over HTTP."""
+"""/v1/compress refuses to prune without entropies (server/services/compress.py), over HTTP."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the numbers recomputed from the rows, and a killed run resumed with the real resume code.
 
 The client here answers like a server would (real request/response schemas, steps cut
-by the same pure code); the real server runs in tests/integration/test_eval.py.
+by the same pure code); the real server runs in tests/integration/test_eval_server.py.
 """
 
 from __future__ import annotations

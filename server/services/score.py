@@ -8,8 +8,8 @@ from one code path.
 
 from __future__ import annotations
 
-from server.compressor import Compressor, Prepared
 from server.errors import invalid
+from server.services.compress import Compressor, Prepared
 from stepzip.schemas.compress import CompressRequest
 from stepzip.schemas.score import ScoreRequest, ScoreResponse
 

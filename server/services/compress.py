@@ -8,6 +8,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from vllm.exceptions import VLLMClientError
+
 from server.engine.engine import Engine, Generation
 from server.engine.forcing import teacher_forcing
 from server.errors import ApiError, invalid
@@ -67,8 +69,10 @@ class Compressor:
                 max_tokens=req.sampling.max_tokens, temperature=req.sampling.temperature,
                 top_p=req.sampling.top_p, top_k=req.sampling.top_k, seed=req.sampling.seed,
                 stop=req.sampling.stop)
-        except ValueError as exc:
-            raise invalid("sampling", str(exc)) from exc
+        except (ValueError, VLLMClientError) as exc:
+            parameter = getattr(exc, "parameter", None)
+            raise invalid(f"sampling.{parameter}" if parameter else "sampling", str(exc)) \
+                from exc
         for field, value in (("sampling.max_tokens", req.sampling.max_tokens),
                              ("answer_max_tokens", req.answer_max_tokens)):
             if value >= limit:

@@ -30,6 +30,18 @@ except ModuleNotFoundError as exc:  # only a missing vLLM; a broken one must sti
     BatchUpdate = MoveDirectionality = None
     LogitsProcessor = LogitsProcessorV2 = object
 
+
+def move_rows(rows: dict, moved) -> None:
+    """Apply a legacy-runner BatchUpdate's moves to a row -> state dict: (a, b, UNIDIR)
+    moves a's state to b; (a, b, SWAP) exchanges them."""
+    for a, b, direction in moved:
+        held_a = rows.pop(a, None)
+        held_b = rows.pop(b, None)
+        if held_a is not None:
+            rows[b] = held_a
+        if direction == MoveDirectionality.SWAP and held_b is not None:
+            rows[a] = held_b
+
 # SamplingParams.extra_args key carrying the token ids to force.
 FORCE_KEY = "stepzip_forced_ids"
 # Finite, so a softmax over the row stays defined; exp(x - 1e30) underflows to 0 for any
@@ -92,13 +104,7 @@ class ForcingProcessorV1(LogitsProcessor):
             self.rows.pop(row, None)
             if (ids := forced_ids(params)) is not None:
                 self.rows[row] = (ids, output_ids)
-        for a, b, direction in batch_update.moved:
-            held_a = self.rows.pop(a, None)
-            held_b = self.rows.pop(b, None)
-            if held_a is not None:
-                self.rows[b] = held_a
-            if direction == MoveDirectionality.SWAP and held_b is not None:
-                self.rows[a] = held_b
+        move_rows(self.rows, batch_update.moved)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:

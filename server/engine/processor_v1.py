@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store, warm_up
+from server.engine.forcing import move_rows
 from server.engine.penalties import Penalty, penalised_entropies
 
 # Under "vllm." so it reaches the handler vLLM configures in its worker process.
@@ -62,13 +63,7 @@ class EntropyProcessorV1(LogitsProcessor):
             if key is not None:
                 self.rows[row] = (key, self.store.entry_for(key), output_ids,
                                   Penalty.of(params, prompt_ids))
-        for a, b, direction in batch_update.moved:
-            held_a = self.rows.pop(a, None)
-            held_b = self.rows.pop(b, None)
-            if held_a is not None:
-                self.rows[b] = held_a
-            if direction == MoveDirectionality.SWAP and held_b is not None:
-                self.rows[a] = held_b
+        move_rows(self.rows, batch_update.moved)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:

@@ -70,12 +70,12 @@ class VariantSpec(_Strict):
         return self
 
 
-class CompressRequest(_Strict):
-    problems: list[Problem] = Field(min_length=1)
-    sampling: Sampling = Field(default_factory=Sampling)
+class CompressionOptions(_Strict):
+    """What /v1/compress and /v1/score share: the variants, how steps are cut and ranked,
+    the prompt, and what the response includes."""
+
     variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec()], min_length=1,
                                         max_length=32)
-    answer: bool = Field(True, description="Answer from each compressed variant.")
     answer_max_tokens: int = Field(64, ge=1)
     delimiter: str | None = Field(None, min_length=1, max_length=16,
                                   description="Step delimiter; default is the server's.")
@@ -85,7 +85,8 @@ class CompressRequest(_Strict):
         None, max_length=20_000,
         description="User message template with exactly one kind of field, {problem} "
                     "(no format spec or conversion; double braces for literal ones); "
-                    "default is the server's.")
+                    "default is the server's. /v1/score: use the one the reasoning was "
+                    "generated with.")
     system: str | None = Field(None, max_length=20_000, description="Optional system message.")
     return_tokens: bool = Field(False, description="Include per-token ids and entropies.")
     step_score: StepScore = Field(
@@ -111,6 +112,12 @@ class CompressRequest(_Strict):
         if not fields:
             raise ValueError("must contain {problem}")
         return v
+
+
+class CompressRequest(CompressionOptions):
+    problems: list[Problem] = Field(min_length=1)
+    sampling: Sampling = Field(default_factory=Sampling)
+    answer: bool = Field(True, description="Answer from each compressed variant.")
 
 
 class StepOut(BaseModel):

@@ -13,14 +13,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stepzip.constants import MARKER
 from stepzip.schemas.compress import (
+    CompressionOptions,
     CompressRequest,
     CompressResponse,
     Problem,
     Sampling,
-    StepScore,
-    VariantSpec,
 )
 
 
@@ -60,37 +58,9 @@ class Pair(_Strict):
         return self
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(CompressionOptions):
     pairs: list[Pair] = Field(min_length=1, description="Scored together in one engine batch.")
-    variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec()], min_length=1,
-                                        max_length=32)
     answer: bool = Field(False, description="Answer from each compressed variant.")
-    answer_max_tokens: int = Field(64, ge=1)
-    delimiter: str | None = Field(None, min_length=1, max_length=16,
-                                  description="Step delimiter; default is the server's.")
-    marker: str = Field(MARKER, min_length=1, max_length=64)
-    merge_runs: bool = False
-    prompt_template: str | None = Field(
-        None, description="User message template with a {problem} field; default is the "
-                          "server's. Use the one the reasoning was generated with.")
-    system: str | None = Field(None, description="Optional system message.")
-    return_tokens: bool = Field(False, description="Include per-token ids and entropies.")
-    step_score: StepScore = Field(
-        "sum", description=CompressRequest.model_fields["step_score"].description)
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_slot(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if "{problem}" not in v:
-            raise ValueError("must contain {problem}")
-        try:
-            v.format(problem="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"{{problem}} must be its only field; write other braces "
-                             f"as {{{{ }}}} ({type(exc).__name__}: {exc})") from None
-        return v
 
     def to_compress(self) -> CompressRequest:
         """The equivalent /v1/compress request (one greedy trace per pair; the sampling

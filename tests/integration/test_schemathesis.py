@@ -44,8 +44,10 @@ def test_every_operation_conforms_and_never_5xx(server, api):
     for result in api.get_all_operations():
         operation = result.ok()
 
+        # derandomize: every run replays the same cases, so CI cannot flip on a new draw;
+        # wider random runs are done by hand (raise CASES_PER_OPERATION, drop derandomize)
         @hypothesis.settings(max_examples=CASES_PER_OPERATION, deadline=None, database=None,
-                             phases=[Phase.explicit, Phase.generate],
+                             derandomize=True, phases=[Phase.explicit, Phase.generate],
                              suppress_health_check=list(HealthCheck))
         @hypothesis.given(case=operation.as_strategy())
         def check(case):

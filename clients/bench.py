@@ -11,10 +11,11 @@
         2-layer random Llama with hidden size 128 and the SmolLM2 tokenizer and
         vocabulary, built once from the default model's folder: the server's own
         per-token cost shows, "overhead-bound"). `--url STEPZIP VLLM` measures two
-        servers already running instead. Prints tok/s, the ratio per concurrency and the
-        time of an in-place weight reload on stepzip.
+        servers already running instead. Prints tok/s, the ratio per concurrency (the
+        median of each round's ratio, `paired_ratio`) and the time of an in-place weight
+        reload on stepzip. vLLM runs with stepzip's --logprobs-mode (TRL's).
 
-    stepzip bench entropy --concurrency 28 --max-tokens 128 --rounds 3
+    stepzip bench entropy --concurrency 28 --max-tokens 128 --rounds 6
         The same stepzip server settings started twice, entropy processor on (requests
         ask for entropies) and off; greedy /v1/completions, rounds alternate; prints
         completion tok/s of each and the on/off ratio.
@@ -55,7 +56,7 @@ def add_parser(sub) -> None:
     ent.add_argument("--model", default="default", help="model to serve")
     ent.add_argument("--concurrency", type=int, default=28, help="requests in flight at once")
     ent.add_argument("--max-tokens", type=int, default=128, help="tokens per request")
-    ent.add_argument("--rounds", type=int, default=3, help="measured rounds per setting")
+    ent.add_argument("--rounds", type=int, default=6, help="measured rounds per setting")
     ent.add_argument("--max-model-len", type=int, default=1024, help="server --max-model-len")
     ent.add_argument("--json", type=Path, default=None, help="write results here")
     ent.set_defaults(func=cmd_bench_entropy)
@@ -74,7 +75,7 @@ def add_parser(sub) -> None:
     roll.add_argument("--max-tokens", type=int, default=64, help="tokens per completion")
     roll.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
                       help="prompts in flight at once")
-    roll.add_argument("--rounds", type=int, default=2, help="measured rounds per server")
+    roll.add_argument("--rounds", type=int, default=4, help="measured rounds per server")
     roll.add_argument("--logprobs", type=int, default=0,
                       help="logprobs per token, as TRL sends it (0: the sampled token's); "
                            "-1 leaves the field out")
@@ -153,13 +154,14 @@ def cmd_bench_entropy(args) -> int:
         for server, _ in servers.values():
             server.stop()
     on, off = statistics.median(results["on"]), statistics.median(results["off"])
-    print(f"entropy on/off throughput ratio: {on / off:.3f} "
-          f"(median {on:.1f} vs {off:.1f} tok/s, {args.concurrency} concurrent x "
-          f"{args.max_tokens} tokens)")
+    paired = paired_ratio(results["on"], results["off"])
+    print(f"entropy on/off throughput: {describe(paired)}; median {on:.1f} vs {off:.1f} "
+          f"tok/s, {args.concurrency} concurrent x {args.max_tokens} tokens")
     _write_summary({"benchmark": "entropy", "concurrency": args.concurrency,
                     "max_tokens": args.max_tokens, "rounds": args.rounds,
                     "tok_s_on": results["on"], "tok_s_off": results["off"],
-                    "median_on": on, "median_off": off, "ratio_on_off": on / off,
+                    "median_on": on, "median_off": off, "ratio_on_off": paired["ratio"],
+                    "paired": paired,
                     "completion_tokens": tokens}, args.json)
     return 0
 
@@ -167,6 +169,24 @@ def cmd_bench_entropy(args) -> int:
 def _alternate(names: list[str], round_index: int) -> list[str]:
     """Who goes first flips every round, so neither server always runs on a warmer CPU."""
     return names if round_index % 2 == 0 else names[::-1]
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> dict:
+    """`ratio`: the median over rounds of ours / theirs within a round. A round's two runs
+    are adjacent in time, so a slow phase of a shared machine (this project's box swings
+    +-30 % over seconds on a fixed single-thread loop) hits both; the median then drops
+    the rounds a phase change split. Also the spread and the ratio of medians."""
+    per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return {"ratio": statistics.median(per_round),
+            "ratio_min": min(per_round), "ratio_max": max(per_round),
+            "per_round": per_round,
+            "ratio_of_medians": statistics.median(ours) / statistics.median(theirs)}
+
+
+def describe(paired: dict) -> str:
+    return (f"ratio {paired['ratio']:.3f} (median of {len(paired['per_round'])} rounds' "
+            f"ratios, range {paired['ratio_min']:.3f}-{paired['ratio_max']:.3f}; ratio of "
+            f"medians {paired['ratio_of_medians']:.3f})")
 
 
 # ---- rollouts --------------------------------------------------------------------------
@@ -238,7 +258,9 @@ def _rollout_servers(model_path: str, args) -> dict[str, ServerProcess]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
         "--served-model-name", "bench", "--enforce-eager", "--host", "127.0.0.1",
         "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
-        *common], env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+        # What stepzip defaults to, as TRL's `vllm-serve` starts vLLM.
+        "--logprobs-mode", "processed_logprobs", *common],
+        env={"VLLM_CPU_KVCACHE_SPACE": "2"})
     vllm.command += ["--port", str(vllm.port)]
     return {"stepzip": stepzip, "vllm": vllm}
 
@@ -295,10 +317,11 @@ def _rollout_model(label: str, model_path: str | None, problems: list[str], args
            "by_concurrency": {}}
     for c, per in results.items():
         ours, theirs = statistics.median(per["stepzip"]), statistics.median(per["vllm"])
+        paired = paired_ratio(per["stepzip"], per["vllm"])
         out["by_concurrency"][c] = {"stepzip_tok_s": per["stepzip"], "vllm_tok_s": per["vllm"],
-                                    "ratio": ours / theirs}
+                                    **paired}
         print(f"[{label}, {kind}] concurrency {c}: stepzip (entropies on) {ours:.1f} tok/s "
-              f"vs vLLM serve {theirs:.1f} tok/s -> ratio {ours / theirs:.3f}", flush=True)
+              f"vs vLLM serve {theirs:.1f} tok/s (medians) -> {describe(paired)}", flush=True)
     if reload_s is not None:
         print(f"[{label}] weight reload on stepzip: {reload_s:.2f} s (median of 3)")
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from clients.bench import describe, paired_ratio
 from clients.launcher import ServerProcess
 
 
@@ -31,7 +32,7 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--url", default=None, help="a running stepzip server (else one is started)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per trace at most")
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds of each")
+    p.add_argument("--rounds", type=int, default=6, help="measured rounds of each")
     p.add_argument("--max-model-len", type=int, default=1024, help="of the server started")
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.set_defaults(func=cmd_bench_score)
@@ -81,10 +82,11 @@ def measure(url: str, problems: list[str], max_tokens: int, rounds: int) -> dict
             print(f"round {r + 1} {name:8s}: {n} tokens in {secs:.2f} s = {n / secs:.1f} tok/s",
                   flush=True)
     gen, score = statistics.median(rates["generate"]), statistics.median(rates["score"])
+    paired = paired_ratio(rates["score"], rates["generate"])
     return {"benchmark": "score", "concurrency": len(problems), "max_tokens": max_tokens,
             "rounds": rounds, "tokens": tokens, "generate_tok_s": rates["generate"],
             "score_tok_s": rates["score"], "median_generate": gen, "median_score": score,
-            "ratio_score_generate": score / gen}
+            "ratio_score_generate": paired["ratio"], "paired": paired}
 
 
 def cmd_bench_score(args) -> int:
@@ -106,9 +108,8 @@ def cmd_bench_score(args) -> int:
         if server is not None:
             server.stop()
     print(f"scoring vs generating the same tokens: {summary['median_score']:.1f} vs "
-          f"{summary['median_generate']:.1f} tok/s -> ratio "
-          f"{summary['ratio_score_generate']:.3f} ({args.concurrency} concurrent, "
-          f"<= {args.max_tokens} tokens each)")
+          f"{summary['median_generate']:.1f} tok/s (medians) -> {describe(summary['paired'])} "
+          f"({args.concurrency} concurrent, <= {args.max_tokens} tokens each)")
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -68,6 +68,11 @@ class ServerSettings:
     seed: int = option(
         0,
         "Engine seed.")
+    pin_frontend: bool = option(
+        True,
+        "CPU serving: pin the API and engine-core processes to the cores vLLM's workers "
+        "are not bound to, so HTTP, detokenizing and stepzip's own work never take a "
+        "model core (skipped when the workers use every core). No effect on GPU.")
     entropy: bool = option(
         True,
         "Load the entropy logits processor (off only to measure its cost).")

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 from server.engine.compat import check_processor_interface
 from server.engine.entropy import EXTRA_ARGS_KEY
+from server.engine.placement import keep_frontend_off_workers
 from server.settings import ServerSettings
 from stepzip.modelcache import resolve_model
+from stepzip.tokens import batch_decoder
 
 log = logging.getLogger("stepzip.engine")
 
@@ -100,8 +102,8 @@ class _Pending:
     future: asyncio.Future = field(repr=False)
 
 
-async def rpc_every_worker(llm, method: str, arg) -> list:
-    """`collective_rpc(method, args=(arg,))` on every worker of every data-parallel engine.
+async def rpc_every_worker(llm, method: str, *args) -> list:
+    """`collective_rpc(method, args=args)` on every worker of every data-parallel engine.
 
     vLLM 0.32's `AsyncLLM.collective_rpc` goes through the engine client's
     `call_utility_async`, which under data parallelism (DPLBAsyncMPClient) asks every
@@ -110,9 +112,9 @@ async def rpc_every_worker(llm, method: str, arg) -> list:
     core = getattr(llm, "engine_core", None)
     if hasattr(core, "call_utility_all_async"):
         per_engine = await core.call_utility_all_async("collective_rpc", method, None,
-                                                        (arg,), None)
+                                                        args, None)
         return [worker for workers in per_engine for worker in workers]
-    return await llm.collective_rpc(method, args=(arg,))
+    return await llm.collective_rpc(method, args=args)
 
 
 def merge_worker_entropies(
@@ -187,12 +189,14 @@ class Engine:
         self.settings = settings
         self.llm = None
         self.tokenizer = None
+        self.decode_many = None
         self.fetcher: EntropyFetcher | None = None
         self.model_path: str | None = None
         self.model_name: str = settings.served_model_name or settings.model
         self.max_model_len = settings.max_model_len
         self.processor: str | None = None
         self.seed_unsafe = False
+        self.on_cpu = False
         self.ready = False
         self.started_at: float | None = None
         self.startup_s: float | None = None
@@ -212,8 +216,12 @@ class Engine:
                 else self.settings.model)
         self.llm = await asyncio.to_thread(self._build_llm)
         self.tokenizer = self.llm.get_tokenizer()
+        self.decode_many = batch_decoder(self.tokenizer)  # None: token_pieces decodes alone
         self.fetcher = EntropyFetcher(self.llm)
         self.weights = WeightVersion(path=self.model_path)
+        if self.settings.pin_frontend and self.on_cpu:
+            placements = await rpc_every_worker(self.llm, "stepzip_cpu_placement")
+            log.info("%s", keep_frontend_off_workers(placements))
         self.ready = True
         self.started_at = time.time()
         self.startup_s = time.perf_counter() - started
@@ -226,7 +234,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self.on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(s.kv_cache_gib or 2)))
         chunked = s.chunked_prefill if s.chunked_prefill is not None else not on_cpu

@@ -29,6 +29,14 @@ class StepzipWorkerExtension:
         store = current_store()
         return None if store is None else str(store.device)
 
+    def stepzip_cpu_placement(self) -> tuple[int, int, list[int]]:
+        """(worker pid, its parent's pid: the engine core's, the cores this worker's
+        threads are bound to): the server keeps its own processes off those cores
+        (server/engine/placement.py)."""
+        import os
+
+        return os.getpid(), os.getppid(), sorted(os.sched_getaffinity(0))
+
     # ---- all-or-nothing weight loads (server/engine/weightcheck.py) ------------------
     def stepzip_check_checkpoint(self, tensors: list[tuple[str, list[int], str]]) -> list[str]:
         """What a load of these (name, shape, dtype) tensors would get wrong; nothing copied."""

@@ -197,7 +197,7 @@ class Compressor:
                delimiter: str) -> tuple[schemas.TraceOut, list[tuple[Compressed, str]]]:
         # Offsets come from our own decode of the returned ids, so text and tokens agree
         # even where vLLM trimmed a stop string from its text.
-        pieces = token_pieces(self.decode, g.token_ids)
+        pieces = token_pieces(self.decode, g.token_ids, self.engine.decode_many)
         text = "".join(pieces)
         offsets = token_char_offsets(pieces)
         entropies = g.entropies or [0.0] * len(g.token_ids)

@@ -181,7 +181,7 @@ class OpenAIService:
                          entropies: list[float] | None) -> None:
             fields = await self.engine.in_tokenizer_thread(
                 stepzip_fields, self.engine.tokenizer, opts, token_ids, entropies,
-                default_delimiter)
+                default_delimiter, self.engine.decode_many)
             work.fields[prompt_index * work.n + sample] = fields
 
         return ChoiceSink(entropy=opts.entropies or opts.steps, finish=finish)
@@ -254,12 +254,13 @@ def _unwrap(result) -> dict:
 
 
 def stepzip_fields(tokenizer, opts: StepzipOptions, token_ids: list[int],
-                   entropies: list[float] | None, default_delimiter: str) -> dict:
+                   entropies: list[float] | None, default_delimiter: str,
+                   decode_many=None) -> dict:
     """The per-choice `stepzip` object: entropies, steps and skip statistics, from one
     segmentation of the decoded completion. CPU work: run it in a worker thread."""
     delimiter = opts.delimiter or default_delimiter
     pieces = token_pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                          token_ids)
+                          token_ids, decode_many)
     text = "".join(pieces)
     out = ChoiceStepzip()
     if entropies is not None:

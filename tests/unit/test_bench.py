@@ -34,6 +34,19 @@ def test_rounds_alternate_who_goes_first():
     assert bench._alternate(["stepzip", "vllm"], 1) == ["vllm", "stepzip"]
 
 
+def test_paired_ratio_compares_within_rounds():
+    # Round 2 ran in a slow phase for both: per-round ratios see 1.0 throughout, while the
+    # medians taken apart would not.
+    paired = bench.paired_ratio([100.0, 50.0, 104.0], [100.0, 50.0, 104.0])
+    assert paired["ratio"] == 1.0 and paired["ratio_min"] == paired["ratio_max"] == 1.0
+    paired = bench.paired_ratio([90.0, 45.0, 99.0, 30.0], [100.0, 50.0, 90.0, 60.0])
+    assert paired["per_round"] == [0.9, 0.9, 1.1, 0.5]
+    assert paired["ratio"] == 0.9 and paired["ratio_min"] == 0.5
+    assert "median of 4 rounds" in bench.describe(paired)
+    with pytest.raises(ValueError):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+
+
 def test_tiny_model_is_built_once_from_the_default_tokenizer(tmp_path, default_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 

@@ -20,6 +20,10 @@
         ask for entropies) and off; greedy /v1/completions, rounds alternate; prints
         completion tok/s of each and the on/off ratio.
 
+    stepzip bench noise --repeats 30
+        The same work (forty 512x512 float32 matmuls on one thread) timed again and again
+        with pauses: the spread is the floor under every ratio above on this machine.
+
     stepzip bench kernel --rows 112 --vocab 49152 --threads 1
         The entropy kernel `entropy_from_logits` picks on this machine vs
         `torch.log_softmax` (and the torch reference path) on the same float32 logits and
@@ -95,6 +99,14 @@ def add_parser(sub) -> None:
     kern.add_argument("--rounds", type=int, default=50, help="alternating rounds")
     kern.add_argument("--json", type=Path, default=None, help="write results here")
     kern.set_defaults(func=cmd_bench_kernel)
+
+    noise = bench_sub.add_parser(
+        "noise", help="how steady this machine is: a fixed single-thread loop, timed",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    noise.add_argument("--repeats", type=int, default=30, help="timed repetitions")
+    noise.add_argument("--pause", type=float, default=0.5, help="seconds between them")
+    noise.add_argument("--json", type=Path, default=None, help="write results here")
+    noise.set_defaults(func=cmd_bench_noise)
 
     from clients import bench_score  # /v1/score vs /v1/compress (its own module)
 
@@ -385,4 +397,26 @@ def cmd_bench_kernel(args) -> int:
                     "median_ms": ms, "ratio_kernel_log_softmax": ratio,
                     "ratio_kernel_log_softmax_into_buffer": ratio_buffer,
                     "max_abs_err_f64": error}, args.json)
+    return 0
+
+
+# ---- machine noise ---------------------------------------------------------------------
+
+def cmd_bench_noise(args) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.rand(512, 512, generator=torch.Generator().manual_seed(0))  # [512, 512] f32
+    times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        for _ in range(40):
+            a @ a
+        times.append((time.perf_counter() - started) * 1e3)
+        time.sleep(args.pause)
+    lo, mid, hi = min(times), statistics.median(times), max(times)
+    print(f"fixed single-thread loop, {args.repeats} repeats: min {lo:.1f} ms, median "
+          f"{mid:.1f} ms, max {hi:.1f} ms (max / min {hi / lo:.2f})")
+    _write_summary({"benchmark": "noise", "ms": times, "min_ms": lo, "median_ms": mid,
+                    "max_ms": hi}, args.json)
     return 0

@@ -220,8 +220,12 @@ class Engine:
         self.fetcher = EntropyFetcher(self.llm)
         self.weights = WeightVersion(path=self.model_path)
         if self.settings.pin_frontend and self.on_cpu:
-            placements = await rpc_every_worker(self.llm, "stepzip_cpu_placement")
-            log.info("%s", keep_frontend_off_workers(placements))
+            try:
+                placements = await rpc_every_worker(self.llm, "stepzip_cpu_placement")
+                log.info("%s", keep_frontend_off_workers(placements))
+            except Exception:  # a speed-up only: serve unpinned
+                log.warning("could not pin the API and engine-core processes; serving "
+                            "unpinned", exc_info=True)
         self.ready = True
         self.started_at = time.time()
         self.startup_s = time.perf_counter() - started

@@ -82,3 +82,13 @@ def test_rollout_flags_are_checked(argv):
     bench.add_parser(parser.add_subparsers())
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "rollout", *argv])
+
+
+def test_noise_benchmark_reports_spread(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "noise", "--repeats", "3", "--pause", "0"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["benchmark"] == "noise" and len(summary["ms"]) == 3
+    assert summary["min_ms"] <= summary["median_ms"] <= summary["max_ms"]

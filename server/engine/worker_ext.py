@@ -35,7 +35,9 @@ class StepzipWorkerExtension:
         (server/engine/placement.py)."""
         import os
 
-        return os.getpid(), os.getppid(), sorted(os.sched_getaffinity(0))
+        from server.engine.placement import process_cpus
+
+        return os.getpid(), os.getppid(), sorted(process_cpus())
 
     # ---- all-or-nothing weight loads (server/engine/weightcheck.py) ------------------
     def stepzip_check_checkpoint(self, tensors: list[tuple[str, list[int], str]]) -> list[str]:

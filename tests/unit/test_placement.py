@@ -10,7 +10,12 @@ import sys
 
 import pytest
 
-from server.engine.placement import frontend_cpus, keep_frontend_off_workers, pin_process
+from server.engine.placement import (
+    frontend_cpus,
+    keep_frontend_off_workers,
+    pin_process,
+    process_cpus,
+)
 
 linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
 
@@ -42,6 +47,30 @@ def test_pin_process_sets_every_thread() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@linux
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_worker_cores_are_every_threads_not_the_main_threads() -> None:
+    # Like vLLM's CPU worker under OpenMP binding: the main thread on the first core of
+    # its list, each other compute thread on its own core.
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    code = ("import os, threading, time\n"
+            f"os.sched_setaffinity(0, {{{first}}})\n"
+            "def bound():\n"
+            f"    os.sched_setaffinity(0, {{{second}}})\n"
+            "    time.sleep(60)\n"
+            "threading.Thread(target=bound, daemon=True).start()\n"
+            "time.sleep(0.2)\nprint('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert os.sched_getaffinity(proc.pid) == {first}  # what the old check saw
+        assert process_cpus(proc.pid) == {first, second}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_cpus() >= os.sched_getaffinity(0)
 
 
 @linux

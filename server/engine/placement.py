@@ -23,17 +23,21 @@ def frontend_cpus(allowed: Iterable[int], worker_cpus: Iterable[int]) -> set[int
     return set(allowed) - set(worker_cpus)
 
 
+def thread_ids(pid: int) -> list[int]:
+    """Every thread of `pid` (Linux keeps affinity per thread)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
 def process_cpus(pid: int = 0) -> set[int]:
     """The cores any thread of `pid` (0: this process) may run on. Not the main thread's
     mask alone: OpenMP binds each compute thread to its own core, so a worker bound to
     cores 0-6 has its main thread on core 0 only and the other six threads elsewhere."""
     pid = pid or os.getpid()
     cpus: set[int] = set()
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
+    for tid in thread_ids(pid):
         try:
             cpus |= os.sched_getaffinity(tid)
         except OSError:  # the thread ended meanwhile
@@ -42,14 +46,10 @@ def process_cpus(pid: int = 0) -> set[int]:
 
 
 def pin_process(pid: int, cpus: set[int]) -> int:
-    """Set the affinity of every thread of `pid` (Linux keeps affinity per thread; new
-    threads inherit their creator's). Returns how many threads were pinned."""
+    """Set the affinity of every thread of `pid` (new threads inherit their creator's).
+    Returns how many threads were pinned."""
     pinned = 0
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
+    for tid in thread_ids(pid):
         try:
             os.sched_setaffinity(tid, cpus)
             pinned += 1

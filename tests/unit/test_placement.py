@@ -57,11 +57,13 @@ def test_worker_cores_are_every_threads_not_the_main_threads() -> None:
     first, second = sorted(os.sched_getaffinity(0))[:2]
     code = ("import os, threading, time\n"
             f"os.sched_setaffinity(0, {{{first}}})\n"
+            "ready = threading.Event()\n"
             "def bound():\n"
             f"    os.sched_setaffinity(0, {{{second}}})\n"
+            "    ready.set()\n"
             "    time.sleep(60)\n"
             "threading.Thread(target=bound, daemon=True).start()\n"
-            "time.sleep(0.2)\nprint('up', flush=True)\ntime.sleep(60)\n")
+            "ready.wait()\nprint('up', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"

@@ -37,6 +37,13 @@ FORCING_V1 = "server.engine.forcing:ForcingProcessorV1"
 FORCING_V2 = "server.engine.forcing:ForcingProcessorV2"
 
 
+# vLLM's CPU default is 128-token KV blocks: a prompt shorter than a block is never in the
+# prefix cache, so each of a rollout's n siblings prefills it again. 32 (the smallest the
+# CPU attention backend takes without a warning) lets them share it. --engine-arg
+# block_size=N overrides.
+CPU_BLOCK_SIZE = 32
+
+
 def logits_processors(use_v2: bool) -> list[str]:
     """Entropy before forcing: vLLM applies custom processors in list order, so the
     entropy is of the model's own (unforced) distribution."""
@@ -268,7 +275,9 @@ class Engine:
         if not chunked:
             # Without chunking a prompt must fit one step's token budget.
             kwargs["max_num_batched_tokens"] = max(s.max_model_len, 8192)
-        if not on_cpu:
+        if on_cpu:
+            kwargs["block_size"] = CPU_BLOCK_SIZE
+        else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
             if s.kv_cache_gib:
                 kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)

@@ -88,8 +88,29 @@ def test_killing_a_replica_mid_build_loses_no_problem(dp_server, server, tmp_pat
                          concurrency=4, max_tokens=24, answer_max_tokens=8, keep="all",
                          retries=0, progress=False)
     client = StepzipClient(cfg.url, timeout=600, retry_after=600)
-    dp = client.replicas[1]
-    killed = threading.Event()
+    survivor, dp = client.replicas
+    killed, dp_answered = threading.Event(), threading.Event()
+
+    # The interleaving is forced, not left to the two servers' speeds: the survivor's
+    # compress requests wait until the replica to be killed has answered one, so that
+    # replica is picked again (fewest outstanding) while work remains.
+    def hold_until_dp_answered(send):
+        def request(method, url, *args, **kwargs):
+            if url == "/v1/compress":
+                dp_answered.wait(timeout=300)
+            return send(method, url, *args, **kwargs)
+        return request
+
+    def note_answers(send):
+        def request(method, url, *args, **kwargs):
+            response = send(method, url, *args, **kwargs)
+            if url == "/v1/compress" and response.status_code == 200:
+                dp_answered.set()
+            return response
+        return request
+
+    survivor.http.request = hold_until_dp_answered(survivor.http.request)
+    dp.http.request = note_answers(dp.http.request)
 
     def kill_when_busy():  # mid-run: the replica has answered and holds more work
         deadline = time.monotonic() + 300
@@ -107,12 +128,12 @@ def test_killing_a_replica_mid_build_loses_no_problem(dp_server, server, tmp_pat
     killer.join(timeout=1)
     assert killed.is_set(), f"the replica was never busy: nothing tested\n{dp_server.tail()}"
     dp_server.proc.wait(timeout=60)
-    assert dp.failures >= 1 and dp.completed >= 1 and client.replicas[0].completed >= 1
+    assert dp.failures >= 1 and dp.completed >= 1 and survivor.completed >= 1
 
     ids = [json.loads(line)["problem_id"] for name in ("p.jsonl", "p.dropped.jsonl")
            if (tmp_path / name).exists() for line in (tmp_path / name).read_text().splitlines()]
     assert sorted(ids) == sorted(f"gsm8k-test-{i}" for i in range(n_problems))  # once each
     assert stats.failed_batches == 0 and stats.processed == n_problems
     print(f"\nbuild-sft over 2 replicas, one killed mid-run: {n_problems} problems once each; "
-          f"answered {client.replicas[0].completed} / {dp.completed} requests, "
+          f"answered {survivor.completed} / {dp.completed} requests, "
           f"{dp.failures} failed over")

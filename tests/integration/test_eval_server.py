@@ -35,7 +35,9 @@ def _eval_command(url: str, out: Path) -> list[str]:
 def _ids(path: Path) -> list[str]:
     if not path.exists():
         return []
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]  # polled mid-write: a partial line is no result
+    return [json.loads(line)["id"] for line in complete.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def eval_run(server, tmp_path_factory):
 
 def test_killed_and_rerun_eval_has_each_problem_exactly_once(eval_run):
     out, after_kill, stdout = eval_run
-    assert 1 <= len(after_kill) < LIMIT, "the kill landed after the first problem"
+    assert 0 < len(after_kill) < LIMIT, "the kill must land after the first problem, before the last"
     ids = _ids(out / "results.jsonl")
     expected = [p.id for p in load_problems("svamp", limit=LIMIT)]
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 URL_HELP = ("server URL, or several replicas comma-separated "
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", type=Path, default=None, help="also write the response here")
     demo.set_defaults(func=cmd_demo)
 
+    from stepzip.data import ANSWER_FIELD_HELP, DATASET_HELP, QUESTION_FIELD_HELP
+
     comp = sub.add_parser(
         "compress", help="compress problems with running server(s)",
         description="Compress problems (given as text or from a dataset) with one or more "
@@ -113,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("problems", nargs="*", help="problem texts (or use --dataset)")
     comp.add_argument("--url", default="http://127.0.0.1:8000", help=URL_HELP)
     comp.add_argument("--api-key", default=None, help="bearer token, if the server has one")
-    comp.add_argument("--dataset", default=None, help="gsm8k, math500, svamp or a .jsonl path")
+    comp.add_argument("--dataset", default=None, help=DATASET_HELP)
     comp.add_argument("--split", default="test", help="dataset split")
+    comp.add_argument("--question-field", default=None, help=QUESTION_FIELD_HELP)
+    comp.add_argument("--answer-field", default=None, help=ANSWER_FIELD_HELP)
     comp.add_argument("--limit", type=int, default=3, help="problems to take from --dataset")
     comp.add_argument("--batch-size", type=int, default=8,
                       help="problems per request (capped at the server's --max-problems)")
@@ -125,15 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--ratio", type=float, action="append", default=None,
                       help="low-entropy pruning ratio to build; repeat for several "
                            "(default 0.8)")
+    comp.add_argument("--preset", choices=("default", "paper-code"), default="default",
+                      help="paper-code: the authors' released scripts' rules (T 0.6, top-p "
+                           "0.95, their prompt; steps only at an exact '\\n\\n' token, "
+                           "mean -p*log p of the sampled token, repeats collapsed, "
+                           "int(N*kappa) pruned, joined bare, answers at T 0.6); default: "
+                           "the paper's equations (greedy, full-distribution entropy summed "
+                           "per step)")
     comp.add_argument("--json", action="store_true", help="print the raw JSON response")
     comp.set_defaults(func=cmd_compress)
 
     from clients import bench
     from clients import eval as eval_cli
+    from clients import score as score_cli
     from trainer import cli as train_cli
 
     bench.add_parser(sub)
     eval_cli.add_parser(sub)
+    score_cli.add_parser(sub)
     train_cli.add_parser(sub)
     _remember_parsers(sub)
     parser.epilog = "every command:\n" + "\n".join(
@@ -194,6 +209,13 @@ def cmd_model_prepare(args) -> int:
     return 0
 
 
+GRACEFUL_SHUTDOWN_S = 3
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args) -> int:
     import logging
 
@@ -205,8 +227,15 @@ def cmd_serve(args) -> int:
     settings = settings_from_args(args)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level="info", timeout_graceful_shutdown=10))
+                                           log_level="info",
+                                           # SIGTERM: in-flight requests get this long,
+                                           # then are aborted (503); the process exits 0
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     app.state.uvicorn_server = server  # so engine death can stop it and exit 1
+    # uvicorn stops on SIGTERM, then raises the signal again once it has stopped; with
+    # this handler that ends the process with status 0 (a clean stop, as `vllm serve`)
+    # instead of death by signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
     return app.state.exit_code  # 1 after the engine died, so a supervisor restarts us
 
@@ -227,7 +256,9 @@ def cmd_compress(args) -> int:
     golds: list[str | None] = [None] * len(texts)
     ids: list[str | None] = [f"#{i + 1}" for i in range(len(texts))]
     if args.dataset:
-        problems = load_problems(args.dataset, args.split, limit=args.limit)
+        problems = load_problems(args.dataset, args.split, limit=args.limit,
+                                 question_field=args.question_field,
+                                 answer_field=args.answer_field)
         texts += [p.question for p in problems]
         golds += [p.answer for p in problems]
         ids += [p.id for p in problems]
@@ -236,13 +267,17 @@ def cmd_compress(args) -> int:
     variants = [{"strategy": "low", "ratio": r} for r in (args.ratio or [0.8])]
     with StepzipClient(args.url, api_key=args.api_key, max_problems=args.batch_size) as client, \
             progress_bar(f"compressing on {len(client.urls)} server(s)", len(texts)) as bar:
+        started = time.perf_counter()
         out = client.compress(texts, answers=golds, ids=ids, variants=variants,
                               max_tokens=args.max_tokens, progress=bar,
-                              concurrency=args.concurrency)
+                              concurrency=args.concurrency, preset=args.preset)
+        wall_s = time.perf_counter() - started
+    for note in out.notes:
+        print(f"stepzip: note: {note}", file=sys.stderr)
     if args.json:
         print(out.model_dump_json(indent=2))
     else:
-        print_compress_table(out)
+        print_compress_table(out, wall_s=wall_s)
     return 0
 
 

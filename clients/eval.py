@@ -28,19 +28,29 @@ shape: accuracy and preservation vs token reduction, step-level vs token-level).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stepzip import grading
+from stepzip import grader, papercode
 from stepzip.compression import PruneSpec, compress
 from stepzip.constants import ANSWER_CUE, LINE_DELIMITER, THINK_OPEN
-from stepzip.data import Problem, load_selection, read_indices
+from stepzip.data import (
+    ANSWER_FIELD_HELP,
+    DATASET_HELP,
+    QUESTION_FIELD_HELP,
+    Problem,
+    load_selection,
+    read_indices,
+)
+from stepzip.grader import Grade
 from stepzip.prompts import PromptStyle
 from stepzip.schemas import compress as schemas
 from stepzip.steps import Step, reasoning_span, segment, token_char_offsets, token_scores
@@ -51,9 +61,9 @@ RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "config.json"
 ANSWERS_PER_REQUEST = 64  # prompts per /v1/completions call; servers cap pending requests
 FIG_KAPPA, FIG_TOKENS = "accuracy_vs_kappa.png", "step_vs_token.png"
 # Settings that change what a row means; a rerun into the same folder must keep them.
-_ROW_SETTINGS = ("dataset", "split", "samples", "max_tokens", "temperature", "seed",
-                 "answer_max_tokens", "delimiter", "step_score", "ratios", "strategies",
-                 "random_seeds", "prompt_template", "system")
+_ROW_SETTINGS = ("dataset", "split", "question_field", "answer_field", "samples",
+                 "max_tokens", "temperature", "seed", "answer_max_tokens", "delimiter", "step_score", "ratios", "strategies",
+                 "random_seeds", "prompt_template", "system", "preset")
 
 
 @dataclass
@@ -63,6 +73,8 @@ class EvalConfig:
     limit: int | None = None
     offset: int = 0
     indices: str | None = None  # JSON list of row numbers instead of limit/offset
+    question_field: str | None = None  # columns of a file or Hugging Face dataset
+    answer_field: str | None = None
     output: str = "eval-out"
     samples: int = 1
     max_tokens: int = 256
@@ -71,6 +83,7 @@ class EvalConfig:
     answer_max_tokens: int = 32
     delimiter: str | None = None  # None: the server's
     step_score: str = "sum"
+    preset: str = "default"  # or papercode.PRESET: the authors' scripts' rules
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     strategies: tuple[str, ...] = STRATEGIES
     random_seeds: int = 3
@@ -81,6 +94,11 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.preset not in papercode.PRESETS:
+            raise ValueError(f"preset: {self.preset!r}; choose from {papercode.PRESETS}")
+        if self.paper_code and self.step_score != papercode.STEP_SCORE:
+            raise ValueError(f"preset paper-code scores steps by {papercode.STEP_SCORE!r}, "
+                             f"not {self.step_score!r}")
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown or not self.strategies:
             raise ValueError(f"strategies: {unknown or 'none'} given; choose from {STRATEGIES}")
@@ -90,6 +108,10 @@ class EvalConfig:
                             ("bootstrap", 100), ("max_tokens", 1), ("answer_max_tokens", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+
+    @property
+    def paper_code(self) -> bool:
+        return self.preset == papercode.PRESET
 
     def row_settings(self) -> dict[str, Any]:
         return {k: _jsonable(getattr(self, k)) for k in _ROW_SETTINGS}
@@ -109,15 +131,18 @@ class Cell:
     strategy: str
     ratio: float
     seed: int = 0
+    paper_code: bool = False
 
     def spec(self) -> PruneSpec:
         if self.strategy == "adaptive":
-            return PruneSpec(strategy="adaptive", ratio=None, mass=self.ratio)
-        return PruneSpec(strategy=self.strategy, ratio=self.ratio, seed=self.seed)
+            return PruneSpec(strategy="adaptive", ratio=None, mass=self.ratio,
+                             paper_code=self.paper_code)
+        return PruneSpec(strategy=self.strategy, ratio=self.ratio, seed=self.seed,
+                         paper_code=self.paper_code)
 
 
 def grid(cfg: EvalConfig) -> list[Cell]:
-    return [Cell(strategy, ratio, seed) for strategy in cfg.strategies for ratio in cfg.ratios
+    return [Cell(strategy, ratio, seed, cfg.paper_code) for strategy in cfg.strategies for ratio in cfg.ratios
             for seed in (range(cfg.random_seeds) if strategy == "random" else (0,))]
 
 
@@ -130,7 +155,7 @@ def trace_request(problem: Problem, cfg: EvalConfig) -> schemas.CompressRequest:
                                   seed=cfg.seed, n=cfg.samples),
         variants=[schemas.VariantSpec(strategy="low", ratio=0.0)],
         answer=False, delimiter=cfg.delimiter, return_tokens=True, step_score=cfg.step_score,
-        prompt_template=cfg.prompt_template, system=cfg.system)
+        prompt_template=cfg.prompt_template, system=cfg.system, preset=cfg.preset)
 
 
 def is_thinking_prompt(prompt: str) -> bool:
@@ -139,8 +164,9 @@ def is_thinking_prompt(prompt: str) -> bool:
 
 
 def local_steps(trace: schemas.TraceOut, delimiter: str, thinking: bool,
-                score: str) -> tuple[list[Step], list[float] | None]:
-    """The trace's steps rebuilt from its tokens, checked against the server's."""
+                score: str, paper_code: bool = False) -> tuple[list[Step], list[float] | None]:
+    """The trace's steps rebuilt from its tokens (paper-code: by the scripts' rules),
+    checked against the server's."""
     tokens = trace.tokens
     offsets = token_char_offsets(tokens.pieces)
     text = trace.completion
@@ -149,9 +175,13 @@ def local_steps(trace: schemas.TraceOut, delimiter: str, thinking: bool,
     values = token_scores(score, tokens.entropies, tokens.logprobs, len(offsets))
     if not text:
         return [], values
-    span = reasoning_span(text, thinking=thinking)
-    steps = segment(text, offsets, tokens.entropies, delimiter=delimiter, span=span,
-                    score=score, sampled_logprobs=tokens.logprobs)
+    if paper_code:
+        _, steps = papercode.trace_steps(tokens.pieces, tokens.logprobs, tokens.entropies,
+                                         thinking=thinking)
+    else:
+        span = reasoning_span(text, thinking=thinking)
+        steps = segment(text, offsets, tokens.entropies, delimiter=delimiter, span=span,
+                        score=score, sampled_logprobs=tokens.logprobs)
     theirs = [(s.text, s.token_start, s.token_end) for s in trace.steps]
     if [(s.text, s.token_start, s.token_end) for s in steps] != theirs:
         raise RuntimeError("steps cut here differ from the server's (version mismatch?)")
@@ -159,15 +189,19 @@ def local_steps(trace: schemas.TraceOut, delimiter: str, thinking: bool,
 
 
 def answer_body(prompts: Sequence[str], cfg: EvalConfig, thinking: bool) -> dict:
-    """A /v1/completions body answering like /v1/compress does: greedy, the prompt's own
-    tokens (no BOS added), a plain model stopped at the end of its answer line."""
-    return {"prompt": list(prompts), "max_tokens": cfg.answer_max_tokens, "temperature": 0.0,
+    """A /v1/completions body answering like /v1/compress does: greedy (paper-code: its
+    answer temperature), the prompt's own tokens (no BOS added), a plain model stopped at
+    the end of its answer line."""
+    temperature = papercode.ANSWER_TEMPERATURE if cfg.paper_code else 0.0
+    return {"prompt": list(prompts), "max_tokens": cfg.answer_max_tokens,
+            "temperature": temperature,
             "stop": None if thinking else [LINE_DELIMITER], "add_special_tokens": False}
 
 
-def graded(answer_text: str, gold: str | None, thinking: bool) -> tuple[str | None, bool | None]:
-    """A plain model answered after the cue, which is part of its answer sentence."""
-    return grading.grade(answer_text if thinking else f"{ANSWER_CUE}{answer_text}", gold)
+def graded(answer_text: str, gold: str | None, thinking: bool) -> Grade:
+    """A plain model answered after the cue, which is part of its answer sentence.
+    Bounded: a child process with a deadline (`--grading-timeout`)."""
+    return grader.grade(answer_text if thinking else f"{ANSWER_CUE}{answer_text}", gold)
 
 
 def evaluate_problem(client: Any, problem: Problem, row: int, cfg: EvalConfig) -> dict:
@@ -179,32 +213,39 @@ def evaluate_problem(client: Any, problem: Problem, row: int, cfg: EvalConfig) -
     cells = grid(cfg)
     samples, texts = [], {}
     for trace in result.traces:
-        steps, values = local_steps(trace, response.delimiter, thinking, cfg.step_score)
+        steps, values = local_steps(trace, response.delimiter, thinking, cfg.step_score,
+                                    cfg.paper_code)
         offsets = token_char_offsets(trace.tokens.pieces)
-        full = "".join(s.text for s in steps)
+        # paper-code's steps drop repeats: the uncompressed reasoning is the trace's own
+        full = trace.reasoning if cfg.paper_code else "".join(s.text for s in steps)
         texts.setdefault(full, None)
         variants = []
         for cell in cells:
             c = compress(steps, cell.spec(), token_entropies=values, token_offsets=offsets,
                          text=trace.completion, delimiter=response.delimiter)
+            if cfg.paper_code:  # repeats collapsed out of the steps still count as removed
+                c = dataclasses.replace(c, tokens_before=trace.reasoning_tokens)
             texts.setdefault(c.text, None)
             variants.append((cell, c))
         samples.append((trace, full, variants))
 
     unique = list(texts)
-    prompts = [style.answer_prompt(result.prompt, t) for t in unique]
+    answer_prompt = (papercode.answer_prompt if cfg.paper_code and thinking
+                     else style.answer_prompt)
+    prompts = [answer_prompt(result.prompt, t) for t in unique]
     choices = []
     for start in range(0, len(prompts), ANSWERS_PER_REQUEST):
         body = answer_body(prompts[start:start + ANSWERS_PER_REQUEST], cfg, thinking)
         choices += sorted(client.completions(body)["choices"], key=lambda c: c["index"])
     answers = {}
     for text, choice in zip(unique, choices, strict=True):
-        extracted, correct = graded(choice["text"], problem.answer, thinking)
-        answers[text] = {"answer_text": choice["text"], "answer": extracted, "correct": correct,
-                         "finish_reason": choice.get("finish_reason")}
+        g = graded(choice["text"], problem.answer, thinking)
+        answers[text] = {"answer_text": choice["text"], "answer": g.extracted,
+                         "correct": g.correct, "grade": g.outcome,
+                         "grade_reason": g.reason, "finish_reason": choice.get("finish_reason")}
     return {
         "id": problem.id, "row": row, "gold": problem.answer, "thinking": thinking,
-        "delimiter": response.delimiter, "answered_texts": len(unique),
+        "delimiter": response.delimiter, "answered_texts": len(unique), "notes": response.notes,
         "samples": [_sample_row(trace, full, variants, answers)
                     for trace, full, variants in samples],
     }
@@ -216,12 +257,14 @@ def _sample_row(trace: schemas.TraceOut, full: str, variants, answers: dict) -> 
         "sample": trace.sample, "finish_reason": trace.finish_reason,
         "completion_tokens": trace.completion_tokens, "n_steps": len(trace.steps),
         "trace_answer": trace.extracted_answer, "trace_correct": trace.correct,
+        "trace_grade": trace.grade,
         "full": reference,
         "cells": [{
             "strategy": cell.strategy, "ratio": cell.ratio, "seed": cell.seed,
             "n_skipped": c.n_skipped, "n_markers": c.n_markers,
             "tokens_before": c.tokens_before, "tokens_kept": c.tokens_kept,
             "answer": answers[c.text]["answer"], "correct": answers[c.text]["correct"],
+            "grade": answers[c.text]["grade"],
             "preserved": _preserved(answers[c.text]["answer"], reference["answer"]),
         } for cell, c in variants],
     }
@@ -229,7 +272,8 @@ def _sample_row(trace: schemas.TraceOut, full: str, variants, answers: dict) -> 
 
 def _preserved(answer: str | None, reference: str | None) -> bool:
     """Same answer as from the full reasoning (both without one counts as the same)."""
-    return answer == reference or grading.answers_match(answer, reference)
+    return answer == reference or (
+        reference is not None and grader.match(answer, reference).outcome == "correct")
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -246,7 +290,8 @@ def run_eval(cfg: EvalConfig, client: Any, *, problems: Sequence[Problem] | None
     _check_same_settings(out / CONFIG, cfg)
     if problems is None:
         problems = load_selection(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset,
-                                  indices=cfg.indices)
+                                  indices=cfg.indices, question_field=cfg.question_field,
+                                  answer_field=cfg.answer_field)
     numbers = (read_indices(cfg.indices) if cfg.indices
                else range(cfg.offset, cfg.offset + len(problems)))
     rows_of = {p.id: row for p, row in zip(problems, numbers)}
@@ -259,7 +304,12 @@ def run_eval(cfg: EvalConfig, client: Any, *, problems: Sequence[Problem] | None
     todo = [p for p in problems if p.id not in done]
     log(f"eval: {len(problems)} problems, {len(problems) - len(todo)} already done, "
         f"{len(todo)} to run, {len(grid(cfg))} cells each -> {out}")
-    _run_problems(client, todo, rows_of, cfg, store)
+    clock = RequestClock(client)
+    started = time.perf_counter()
+    _run_problems(clock, todo, rows_of, cfg, store)
+    log(f"eval: time: wall {time.perf_counter() - started:.2f} s for {len(todo)} problems; "
+        f"request time summed over {clock.requests} requests {clock.seconds:.2f} s (up to "
+        f"{cfg.concurrency} problems in flight, so the sum can exceed the wall time)")
     wanted = set(rows_of)
     rows = [r for r in store.read() if r["id"] in wanted]
     summary = summarize(rows, cfg)
@@ -267,6 +317,30 @@ def run_eval(cfg: EvalConfig, client: Any, *, problems: Sequence[Problem] | None
     _write_json(out / SUMMARY, summary)
     log(format_summary(summary))
     return summary
+
+
+class RequestClock:
+    """The client's two calls, each timed; `seconds` sums them over every request."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.seconds, self.requests = 0.0, 0
+        self._lock = threading.Lock()
+
+    def compress_request(self, request: schemas.CompressRequest) -> schemas.CompressResponse:
+        return self._timed(self.client.compress_request, request)
+
+    def completions(self, body: dict) -> dict:
+        return self._timed(self.client.completions, body)
+
+    def _timed(self, call: Callable[[Any], Any], arg: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return call(arg)
+        finally:
+            with self._lock:
+                self.seconds += time.perf_counter() - started
+                self.requests += 1
 
 
 def _run_problems(client: Any, todo: Sequence[Problem], rows_of: dict[str, int],
@@ -388,8 +462,15 @@ def summarize(rows: Sequence[dict], cfg: EvalConfig) -> dict:
         "full_accuracy": _mean(full), "full_accuracy_ci": bootstrap_ci(full, cfg.bootstrap),
         "trace_accuracy": _mean(trace), "trace_accuracy_ci": bootstrap_ci(trace, cfg.bootstrap),
         "mean_steps": _mean(s["n_steps"] for r in rows for s in r["samples"]),
+        # Answers whose grading ran past the deadline (counted as not correct above).
+        "ungradable_answers": sum(
+            (s["full"].get("grade") == "ungradable")
+            + sum(c.get("grade") == "ungradable" for c in s["cells"])
+            for r in rows for s in r["samples"]),
         "mean_reasoning_tokens": _mean(
             s["cells"][0]["tokens_before"] for r in rows for s in r["samples"]),
+        "rules": papercode.rules() if cfg.paper_code else None,
+        "notes": sorted({note for r in rows for note in r.get("notes", [])}),
         "cells": cells,
     }
 
@@ -487,8 +568,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy and answer preservation of compressed reasoning",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = EvalConfig()
-    p.add_argument("--dataset", default=d.dataset, help="gsm8k, math500, svamp or a .jsonl path")
+    p.add_argument("--dataset", default=d.dataset, help=DATASET_HELP)
     p.add_argument("--split", default=d.split, help="dataset split")
+    p.add_argument("--question-field", default=None, help=QUESTION_FIELD_HELP)
+    p.add_argument("--answer-field", default=None, help=ANSWER_FIELD_HELP)
     p.add_argument("--limit", type=int, default=None, help="problems to take (default: all)")
     p.add_argument("--offset", type=int, default=0, help="first problem to take")
     p.add_argument("--indices", default=None,
@@ -504,15 +587,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="results folder (default: eval-<dataset>)")
     p.add_argument("--samples", type=int, default=d.samples, help="traces per problem")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="reasoning tokens")
-    p.add_argument("--temperature", type=float, default=d.temperature,
-                   help="sampling temperature of the full trace")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature of the full trace (default {d.temperature}; "
+                        f"paper-code {papercode.TEMPERATURE}, top-p {papercode.TOP_P})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--answer-max-tokens", type=int, default=d.answer_max_tokens,
                    help="tokens of each answer at most")
     p.add_argument("--delimiter", default=None,
                    help="step delimiter, escapes allowed ('\\n\\n'); default: the server's")
-    p.add_argument("--step-score", choices=("sum", "mean", "sampled"), default=d.step_score,
-                   help="what steps are ranked by (see /v1/compress step_score)")
+    p.add_argument("--step-score", choices=("sum", "mean", "sampled"), default=None,
+                   help=f"what steps are ranked by (see /v1/compress step_score; default "
+                        f"{d.step_score}, paper-code {papercode.STEP_SCORE})")
+    p.add_argument("--preset", choices=papercode.PRESETS, default=d.preset,
+                   help="paper-code: the authors' released scripts' rules for sampling, "
+                        "steps, scores, pruning, join and answers (stepzip.papercode; "
+                        "recorded in summary.json); default: the paper's equations")
     p.add_argument("--ratios", default=None,
                    help="comma-separated kappa grid (default 0,0.1,...,1)")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -524,6 +613,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="problems in flight")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--grading-timeout", type=float, default=grader.DEFAULT_TIMEOUT_S,
+                   help="seconds one answer's grading may take; past it the answer is "
+                        "`ungradable` (counted as not correct)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -531,17 +623,30 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     ratios = (tuple(float(r) for r in args.ratios.split(",") if r.strip())
               if args.ratios else DEFAULT_RATIOS)
     delimiter = args.delimiter.encode().decode("unicode_escape") if args.delimiter else None
-    dataset_name = Path(args.dataset).stem if args.dataset.endswith(".jsonl") else args.dataset
+    dataset_name = (Path(args.dataset).stem if Path(args.dataset).exists()
+                    else args.dataset.replace("/", "-"))
     return EvalConfig(
         dataset=args.dataset, split=args.split, limit=args.limit, offset=args.offset,
-        indices=args.indices, output=args.output or f"eval-{dataset_name}",
-        samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
+        indices=args.indices, question_field=args.question_field,
+        answer_field=args.answer_field, output=args.output or f"eval-{dataset_name}",
+        samples=args.samples, max_tokens=args.max_tokens,
+        temperature=_preset_default(args.temperature, args.preset, papercode.TEMPERATURE,
+                                    EvalConfig.temperature),
         seed=args.seed, answer_max_tokens=args.answer_max_tokens, delimiter=delimiter,
-        step_score=args.step_score, ratios=ratios,
+        step_score=_preset_default(args.step_score, args.preset, papercode.STEP_SCORE,
+                                   EvalConfig.step_score),
+        preset=args.preset, ratios=ratios,
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
         random_seeds=args.random_seeds, prompt_template=args.prompt_template,
         system=args.system, concurrency=args.concurrency, bootstrap=args.bootstrap,
         progress=not args.no_progress)
+
+
+def _preset_default(given: Any, preset: str, paper_code: Any, default: Any) -> Any:
+    """A flag's value: as given, else the preset's, else the field default."""
+    if given is not None:
+        return given
+    return paper_code if preset == papercode.PRESET else default
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -556,6 +661,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"stepzip eval: {exc}", file=sys.stderr)
         return 2
+    grader.configure(timeout=args.grading_timeout)
     if args.url is not None:
         urls = args.url if len(args.url) > 1 else args.url[0]
         with StepzipClient(urls, api_key=args.api_key, timeout=3600) as client:

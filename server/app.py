@@ -13,6 +13,7 @@ a complete response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from server.routes.deps import engine_dead, unauthorized
 from server.services.weights import WeightService
 from server.settings import ServerSettings
 from server.weightgate import HeldUpdate, WeightGate
+from stepzip.grader import Grader
 
 log = logging.getLogger("stepzip.app")
 
@@ -47,10 +49,12 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(_start(app))
+        app.state.grader.start()
         try:
             yield
         finally:
             task.cancel()
+            app.state.grader.close()
             await engine.shutdown()
 
     app = FastAPI(title="stepzip", version="0.1.0", lifespan=lifespan,
@@ -60,6 +64,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = Metrics()
+    app.state.grader = Grader(workers=settings.grading_workers,
+                              timeout=settings.grading_timeout)
+    app.state.grader.on_grade = app.state.metrics.observe_grade
     app.state.compressor = None
     app.state.scorer = None
     app.state.openai = None
@@ -93,8 +100,10 @@ async def _start(app: FastAPI) -> None:
         if not engine.ready:
             await engine.start()
         engine.fetcher.observe = app.state.metrics.entropy_fetch.observe
+        engine.fetcher.on_evictions = app.state.metrics.entropy_evictions.inc
         app.state.compressor = Compressor(engine, app.state.settings.step_delimiter,
-                                          gate=app.state.gate, metrics=app.state.metrics)
+                                          gate=app.state.gate, metrics=app.state.metrics,
+                                          grader=app.state.grader)
         app.state.openai = OpenAIService(engine, app.state)
         app.state.scorer = Scorer(app.state.compressor)
     except Exception as exc:  # reported by /health; the process stays up to say so
@@ -196,6 +205,13 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when a SIGTERM's grace period ends:
+            # the client hears why instead of a dropped connection or a 500.
+            if not started:
+                with contextlib.suppress(Exception):
+                    await _send(request, shutting_down(), scope, receive, send, close=True)
+            raise
         except Exception as exc:  # noqa: BLE001 - the last line before the connection
             error = self.as_api_error(exc)
             if not started:
@@ -238,6 +254,11 @@ class GuardMiddleware:
             return ApiError(422, f"invalid request: {field}: {exc}", field, str(exc))
         log.error("unhandled error", exc_info=exc)
         return ApiError(500, f"internal error: {type(exc).__name__}")
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down (SIGTERM); the request was aborted, "
+                         "retry it on another replica or after the restart")
 
 
 def _public(path: str) -> bool:

@@ -25,6 +25,18 @@ class Metrics:
                                        "Time to fetch a batch of finished requests' entropies",
                                        registry=self.registry,
                                        buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .5))
+        self.entropy_evictions = Counter(
+            "stepzip_entropy_evictions",
+            "Finished requests' entropies evicted unfetched from a full worker store "
+            "(oldest first); a later fetch of one fails", registry=self.registry)
+
+        self.grades = Counter(
+            "stepzip_grades", "Answers graded, by outcome (correct, wrong, ungradable: past "
+            "--grading-timeout or failed; no_gold)", ["outcome"], registry=self.registry)
+
+    def observe_grade(self, grade) -> None:
+        """One answer graded (stepzip.grader.Grade); called from grading threads."""
+        self.grades.labels(grade.outcome).inc()
 
     def observe_compress(self, response) -> None:
         """Tokens and per-strategy reductions of one /v1/compress response."""

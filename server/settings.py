@@ -107,6 +107,15 @@ class ServerSettings:
         "Engine requests admitted at once (running + queued; a request with n samples and "
         "answer variants counts each); past it requests get 429 with Retry-After at once "
         "instead of queueing without bound.")
+    grading_timeout: float = option(
+        5.0,
+        "Seconds one grading call (answer extraction, or comparing an answer with the "
+        "gold) may take. Grading runs in child processes; one that runs past this is "
+        "stopped and the answer is reported `ungradable` (math-verify can run without end "
+        "on a short string such as 9^{9^{9}}).")
+    grading_workers: int = option(
+        2,
+        "Grading child processes: answers graded at once.")
     max_body_bytes: int = option(
         8 * 2**20,
         "Largest request body; larger ones get 413 before any of it is parsed.")

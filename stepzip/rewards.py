@@ -10,6 +10,13 @@ token vanishes from the text, so skips can be counted from the completion's toke
 Only the reasoning counts: markers after ``think_close`` (in the answer) are not skips,
 or the skip reward could be earned without pruning anything. Steps are counted by the
 same rule that cuts a trace into steps for pruning (``stepzip.steps.split_char_spans``).
+
+``RewardConfig.paper_code`` scores by the authors' released script instead
+(``stepzip.papercode``): the same tiers and penalties, but skips and ``\n\n`` counted in
+the text before the first ``</think>`` (all but its last character without one), the
+length re-encoded from the text, correctness by math-verify on the text from
+``</think>`` on. The default's counts differ on purpose: steps are counted as pruning
+cuts them, and an unclosed completion earns neither skips nor correctness.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stepzip import papercode
 from stepzip.config import option
 from stepzip.constants import MARKER, PARAGRAPH_DELIMITER, THINK_CLOSE
-from stepzip.grading import grade
+from stepzip.grader import grade
 from stepzip.steps import split_char_spans
 from stepzip.tokens import token_pieces
 
@@ -50,6 +58,8 @@ class RewardConfig:
     marker: str = option(MARKER, "skip marker")
     think_close: str = option(THINK_CLOSE, "tag that ends the reasoning")
     step_delimiter: str = option(PARAGRAPH_DELIMITER, "step delimiter, escapes allowed")
+    paper_code: bool = option(False, "score by the authors' released reward script "
+                                     "(stepzip.papercode; --preset paper-code sets it)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.skip_ratio_mid <= self.skip_ratio_high <= 1.0:
@@ -149,8 +159,9 @@ def correctness_reward(completion: str, gold: str | None, cfg: RewardConfig) -> 
     _, answer = split_completion(completion, cfg.think_close)
     if answer is None or gold is None:
         return 0.0
-    _, correct = grade(answer, gold)
-    return cfg.correct_reward if correct else 0.0
+    # Bounded (a child process with a deadline): an answer the policy wrote to stall
+    # sympy is ungradable, which earns nothing, instead of hanging the run.
+    return cfg.correct_reward if grade(answer, gold).outcome == "correct" else 0.0
 
 
 def skip_ratio_reward(ratio: float, cfg: RewardConfig) -> float:
@@ -227,7 +238,33 @@ def make_trl_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[Rewa
         "skip_count": lambda text, ids, gold: skip_count_reward(skips(text, ids), cfg),
         "length": lambda text, ids, gold: length_reward(n_tokens(text, ids), cfg),
     }
+    if cfg.paper_code:
+        scorers = paper_code_scorers(cfg, tokenizer)
     return [_trl_reward_func(name, scorers[name]) for name in cfg.enabled()]
+
+
+def paper_code_scorers(
+    cfg: RewardConfig, tokenizer: Any = None
+) -> dict[str, Callable[[str, TokenIds | None, str | None], float]]:
+    """The four components by the authors' script (``stepzip.papercode``), from the text
+    alone: their script never saw token ids. The length needs the tokenizer."""
+
+    def encode(text: str) -> list[int]:
+        if tokenizer is None:
+            raise ValueError("the paper-code length reward re-encodes text: give a tokenizer")
+        return tokenizer.encode(text)
+
+    marker, close = cfg.marker, cfg.think_close
+    return {
+        "correctness": lambda text, ids, gold: (
+            cfg.correct_reward if papercode.is_correct(text, gold, close) else 0.0),
+        "skip_ratio": lambda text, ids, gold: skip_ratio_reward(
+            papercode.skip_ratio(text, marker, close), cfg),
+        "skip_count": lambda text, ids, gold: skip_count_reward(
+            papercode.skip_count(text, marker, close), cfg),
+        "length": lambda text, ids, gold: length_reward(
+            papercode.completion_length(text, encode), cfg),
+    }
 
 
 def _trl_reward_func(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stepzip.grading import grade
+from stepzip.grader import grade
 from stepzip.rewards import (
     RewardConfig,
     completion_text,
@@ -28,7 +28,7 @@ def completion_diagnostics(completions: Sequence[Any], completion_ids: Sequence[
     and steps counted in the reasoning, as the reward counts them."""
     ids = completion_ids if completion_ids is not None else [None] * len(completions)
     golds = golds if golds is not None else [None] * len(completions)
-    ratios, skips, steps, correct, closed = [], [], [], [], []
+    ratios, skips, steps, correct, closed, ungradable = [], [], [], [], [], []
     for c, i, gold in zip(completions, ids, golds, strict=True):
         text = completion_text(c)
         n_skips = count_skips(text, i, skip_id, cfg.marker, think_close=cfg.think_close,
@@ -39,11 +39,16 @@ def completion_diagnostics(completions: Sequence[Any], completion_ids: Sequence[
         steps.append(count_steps(reasoning.replace(cfg.marker, ""), cfg.step_delimiter)
                      + n_skips)
         closed.append(answer is not None)
-        correct.append(bool(answer is not None and gold is not None and grade(answer, gold)[1]))
+        # The reward's own grading, memoised by the grader: no second deadline is paid.
+        outcome = grade(answer, gold).outcome if answer is not None and gold is not None \
+            else None
+        correct.append(outcome == "correct")
+        ungradable.append(outcome == "ungradable")
     n = max(1, len(completions))
     return {"stepzip/skip_ratio": sum(ratios) / n, "stepzip/skips": sum(skips) / n,
             "stepzip/steps": sum(steps) / n, "stepzip/accuracy": sum(correct) / n,
-            "stepzip/closed_reasoning": sum(closed) / n}
+            "stepzip/closed_reasoning": sum(closed) / n,
+            "stepzip/ungradable": sum(ungradable) / n}
 
 
 def make_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[Callable[..., list]]:

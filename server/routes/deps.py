@@ -34,7 +34,11 @@ async def unless_disconnected(request: Request, coro):
     requests), so abandoned requests stop using the engine."""
     task = asyncio.ensure_future(coro)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=1.0)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+        except asyncio.CancelledError:  # the server is stopping: stop the work too
+            task.cancel()
+            raise
         if done:
             return task.result()
         if await request.is_disconnected():

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from vllm.exceptions import VLLMClientError
 
 from server.engine.engine import Engine, Generation
-from server.engine.forcing import teacher_forcing
 from server.errors import ApiError, invalid
-from stepzip import grading
+from stepzip import papercode
 from stepzip.compression import Compressed, PruneSpec, compress
 from stepzip.constants import ANSWER_CUE, THINK_OPEN
+from stepzip.grader import Grade, Grader
 from stepzip.prompts import THINK_CLOSE, PromptStyle, style_for
 from stepzip.schemas import compress as schemas
 from stepzip.steps import Step, reasoning_span, segment, token_char_offsets, token_scores
@@ -31,11 +31,14 @@ class Prepared:
 
 
 class Compressor:
-    def __init__(self, engine: Engine, default_delimiter: str, gate=None, metrics=None):
+    def __init__(self, engine: Engine, default_delimiter: str, gate=None, metrics=None,
+                 grader: Grader | None = None):
         self.engine = engine
         self.default_delimiter = default_delimiter
         self.style: PromptStyle = style_for(engine.tokenizer)
         self.gate, self.metrics = gate, metrics
+        # Grading runs in the grader's child processes with a deadline, never on the loop.
+        self.grader = grader or Grader()
 
     async def compress(self, req: schemas.CompressRequest) -> schemas.CompressResponse:
         """POST /v1/compress: validate (4xx before any generation), admit, run."""
@@ -149,14 +152,17 @@ class Compressor:
             lambda: [self._trace(g, i % req.sampling.n, req, delimiter)
                      for i, g in enumerate(generations)])
         golds = [p.answer for p in req.problems]
-        for i, (trace, _) in enumerate(traces):
-            gold = golds[i // req.sampling.n]
-            trace.extracted_answer, trace.correct = grading.grade(
-                trace.answer_text or trace.completion, gold)
+        t_grade = time.perf_counter()
+        grades = await self.grader.agrade_many(
+            [(trace.answer_text or trace.completion, golds[i // req.sampling.n])
+             for i, (trace, _) in enumerate(traces)])
+        for (trace, _), g in zip(traces, grades, strict=True):
+            set_grade(trace, g)
+        timings.grade_s = time.perf_counter() - t_grade
 
         t1 = time.perf_counter()
         if req.answer:
-            await self._answer_variants(req, prompts, traces, golds, usage)
+            timings.grade_s += await self._answer_variants(req, prompts, traces, golds, usage)
         timings.answer_s = time.perf_counter() - t1
 
         results = []
@@ -168,8 +174,10 @@ class Compressor:
         usage.prompt_tokens = sum(len(ids) for ids in prompt_ids) * req.sampling.n
         usage.completion_tokens = sum(len(g.token_ids) for g in generations)
         timings.total_s = time.perf_counter() - started
+        notes = self._paper_code_notes() if req.preset == papercode.PRESET else []
         return schemas.CompressResponse(model=self.engine.model_name, delimiter=delimiter,
-                                        results=results, usage=usage, timings=timings)
+                                        results=results, usage=usage, timings=timings,
+                                        notes=notes)
 
     def require_entropy(self) -> None:
         """Refuse to rank steps when the engine computes no entropies: every step would
@@ -184,9 +192,7 @@ class Compressor:
                         sample: int, forced: list[int] | None = None,
                         logprobs: bool = False) -> Generation:
         if forced is not None:
-            params = self.engine.sampling_params(**teacher_forcing(forced),
-                                                 logprobs=0 if logprobs else None)
-            return await self.engine.generate(prompt_ids, params, entropy=True)
+            return await self.engine.score(prompt_ids, forced, logprobs=logprobs)
         params = self.engine.sampling_params(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             seed=None if s.seed is None else s.seed + sample, stop=s.stop,
@@ -204,7 +210,11 @@ class Compressor:
         logprobs = sampled_logprobs(g) if req.step_score == "sampled" else None
         steps: list[Step] = []
         span = (0, 0)
-        if text:
+        if text and req.preset == papercode.PRESET:
+            end, steps = papercode.trace_steps(pieces, logprobs, entropies,
+                                               thinking=self.style.thinking)
+            span = (0, end)
+        elif text:
             span = reasoning_span(text, think_open=THINK_OPEN, think_close=THINK_CLOSE,
                                   thinking=self.style.thinking)
             steps = segment(text, offsets, entropies, delimiter=delimiter, span=span,
@@ -215,12 +225,15 @@ class Compressor:
         for v in req.variants:
             spec = PruneSpec(strategy=v.strategy, ratio=v.ratio, seed=v.seed,
                              threshold=v.threshold, mass=v.mass, marker=req.marker,
-                             merge_runs=req.merge_runs)
+                             merge_runs=req.merge_runs,
+                             paper_code=req.preset == papercode.PRESET)
             c = compress(steps, spec, token_entropies=token_values, token_offsets=offsets,
                          text=text, delimiter=delimiter)
             variants.append((c, v))
         answer_text = text[span[1]:]
-        n_reasoning = sum(s.n_tokens for s in steps)
+        n_reasoning = (papercode.reasoning_tokens(pieces, span[1])
+                       if req.preset == papercode.PRESET  # repeats left the steps
+                       else sum(s.n_tokens for s in steps))
         out = schemas.TraceOut(
             sample=sample, completion=text, reasoning=reasoning, finish_reason=g.finish_reason,
             steps=[schemas.StepOut.from_step(s) for s in steps],
@@ -233,6 +246,13 @@ class Compressor:
             if req.return_tokens else None,
         )
         return out, [(c, v) for c, v in variants]
+
+    def _paper_code_notes(self) -> list[str]:
+        """Where this server cannot follow the authors' scripts, and what it does."""
+        notes = [] if self.style.thinking else [papercode.NO_THINK_NOTE]
+        if self.engine.settings.logprobs_mode != papercode.RAW_LOGPROBS:
+            notes.append(papercode.LOGPROBS_NOTE)
+        return notes
 
     def _variant_out(self, c: Compressed, v: schemas.VariantSpec,
                      reasoning: str) -> schemas.VariantOut:
@@ -247,10 +267,14 @@ class Compressor:
             n_skipped=c.n_skipped, tokens_before=before, tokens_after=after,
             reduction=(1.0 - after / before) if before else 0.0)
 
-    async def _answer_variants(self, req, prompts, traces, golds, usage) -> None:
+    async def _answer_variants(self, req, prompts, traces, golds, usage) -> float:
+        """Answer from every variant and grade the answers; returns the grading time."""
         jobs, slots = [], []
+        paper = req.preset == papercode.PRESET
+        answer_prompt = (papercode.answer_prompt if paper and self.style.thinking
+                         else self.style.answer_prompt)
         answer_ids = await self.engine.in_tokenizer_thread(
-            lambda: [[self.encode(self.style.answer_prompt(prompts[i // req.sampling.n], c.text))
+            lambda: [[self.encode(answer_prompt(prompts[i // req.sampling.n], c.text))
                       for c, _ in variants] for i, (_, variants) in enumerate(traces)])
         for i, (trace, variants) in enumerate(traces):
             p_idx = i // req.sampling.n
@@ -263,18 +287,28 @@ class Compressor:
                     continue
                 # A plain model states its answer on the cue's line; stop there.
                 params = self.engine.sampling_params(
-                    max_tokens=min(req.answer_max_tokens, room), temperature=0.0,
+                    max_tokens=min(req.answer_max_tokens, room),
+                    temperature=papercode.ANSWER_TEMPERATURE if paper else 0.0,
                     stop=None if self.style.thinking else ["\n"])
                 jobs.append(self.engine.generate(ids, params, entropy=False))
                 slots.append((trace, v_idx, golds[p_idx]))
         answers = await asyncio.gather(*jobs)
-        for (trace, v_idx, gold), g in zip(slots, answers):
+        started = time.perf_counter()
+        grades = await self.grader.agrade_many(
+            [(g.text if self.style.thinking else f"{ANSWER_CUE}{g.text}", gold)
+             for (_, _, gold), g in zip(slots, answers)])
+        for (trace, v_idx, _), g, graded in zip(slots, answers, grades, strict=True):
             out = trace.variants[v_idx]
-            answer = g.text if self.style.thinking else f"{ANSWER_CUE}{g.text}"
             out.answer_text = g.text
             out.answer_finish_reason = g.finish_reason
-            out.extracted_answer, out.correct = grading.grade(answer, gold)
+            set_grade(out, graded)
             usage.answer_tokens += len(g.token_ids)
+        return time.perf_counter() - started
+
+
+def set_grade(out: schemas.TraceOut | schemas.VariantOut, g: Grade) -> None:
+    out.extracted_answer, out.correct = g.extracted, g.correct
+    out.grade, out.grade_reason = g.outcome, g.reason
 
 
 def sampled_logprobs(g: Generation) -> list[float]:

@@ -12,11 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stepzip import papercode
 from stepzip.compression import PruneSpec, validate_spec
 from stepzip.constants import MARKER
 
 Strategy = Literal["low", "high", "random", "token", "adaptive"]
 StepScore = Literal["sum", "mean", "sampled"]
+Preset = Literal["default", "paper-code"]
 
 
 class _Strict(BaseModel):
@@ -94,6 +96,15 @@ class CompressionOptions(_Strict):
         "entropies (the paper's equation), their 'mean', or 'sampled': the mean over the "
         "step's tokens of -p*log p of the sampled token, p from its logprob (the paper's "
         "released code; the logprob is vLLM's, of the raw logits). Reported as steps[].score.")
+    preset: Preset = Field(
+        "default", description="'paper-code': the rules of the authors' released scripts "
+        "(stepzip.papercode): a step ends only at a token that is exactly '\\n\\n'; "
+        "step score = mean -p*log p of the sampled tokens; identical stripped steps "
+        "collapse; int(N*kappa) pruned; pieces stripped and joined with no separator; "
+        "answers sampled at T 0.6 after '\\n</think>\\n\\n'. It sets step_score "
+        "'sampled' and the '\\n\\n' delimiter (other values are refused) and, unless "
+        "given, its user template (and on /v1/compress T 0.6, top-p 0.95). A model "
+        "without </think> is noted in the response's notes.")
 
     @field_validator("prompt_template")
     @classmethod
@@ -113,11 +124,39 @@ class CompressionOptions(_Strict):
             raise ValueError("must contain {problem}")
         return v
 
+    @model_validator(mode="after")
+    def _paper_code(self) -> CompressionOptions:
+        """paper-code fixes how steps are cut and scored; refuse a request that says
+        otherwise rather than silently ignore it."""
+        if self.preset != papercode.PRESET:
+            return self
+        fixed = {"step_score": papercode.STEP_SCORE, "delimiter": papercode.DELIMITER_TOKEN,
+                 "merge_runs": False}
+        for name, value in fixed.items():
+            given = getattr(self, name)
+            if name in self.model_fields_set and given is not None and given != value:
+                raise ValueError(f"preset paper-code needs {name}={value!r}, got {given!r}")
+            setattr(self, name, value)
+        if self.prompt_template is None:
+            self.prompt_template = papercode.USER_TEMPLATE
+        return self
+
 
 class CompressRequest(CompressionOptions):
     problems: list[Problem] = Field(min_length=1)
     sampling: Sampling = Field(default_factory=Sampling)
     answer: bool = Field(True, description="Answer from each compressed variant.")
+
+    @model_validator(mode="after")
+    def _paper_sampling(self) -> CompressRequest:
+        """paper-code samples at the scripts' T 0.6 / top-p 0.95 unless told otherwise."""
+        if self.preset == papercode.PRESET:
+            given = self.sampling.model_fields_set
+            if "temperature" not in given:
+                self.sampling.temperature = papercode.TEMPERATURE
+            if "top_p" not in given:
+                self.sampling.top_p = papercode.TOP_P
+        return self
 
 
 class StepOut(BaseModel):
@@ -138,6 +177,13 @@ class StepOut(BaseModel):
                    token_end=s.token_end, tokens=s.n_tokens, entropy_sum=s.entropy_sum,
                    entropy_mean=s.entropy_mean, entropy_max=s.entropy_max,
                    score=s.entropy_sum if s.score is None else s.score)
+
+
+GradeOutcome = Literal["correct", "wrong", "ungradable", "no_gold"]
+GRADE_HELP = ("How grading ended: correct / wrong; `ungradable` when comparing with the gold "
+              "ran past the server's grading deadline (--grading-timeout) or failed, so "
+              "`correct` is null; `no_gold` when the problem has no answer.")
+GRADE_REASON_HELP = "Why the answer is ungradable (null otherwise)."
 
 
 class VariantOut(BaseModel):
@@ -161,6 +207,8 @@ class VariantOut(BaseModel):
         None, description="Why the answer generation stopped ('length': cut off).")
     extracted_answer: str | None = None
     correct: bool | None = None
+    grade: GradeOutcome | None = Field(None, description=GRADE_HELP)
+    grade_reason: str | None = Field(None, description=GRADE_REASON_HELP)
 
 
 class TokenOut(BaseModel):
@@ -182,6 +230,8 @@ class TraceOut(BaseModel):
     answer_text: str = Field(description="The part of the completion after the reasoning.")
     extracted_answer: str | None
     correct: bool | None
+    grade: GradeOutcome | None = Field(None, description=GRADE_HELP)
+    grade_reason: str | None = Field(None, description=GRADE_REASON_HELP)
     completion_tokens: int
     reasoning_tokens: int
     entropy_total: float
@@ -204,7 +254,9 @@ class Usage(BaseModel):
 class Timings(BaseModel):
     generate_s: float = 0.0
     entropy_fetch_s: float = 0.0
-    answer_s: float = 0.0
+    answer_s: float = Field(0.0, description="Answering from the variants, grading included.")
+    grade_s: float = Field(0.0, description="Wall time spent grading answers (bounded by "
+                                            "the server's --grading-timeout per answer).")
     total_s: float = 0.0
 
 
@@ -214,6 +266,10 @@ class CompressResponse(BaseModel):
     results: list[ProblemOut]
     usage: Usage
     timings: Timings
+    notes: list[str] = Field(default_factory=list,
+                             description="What the server did differently from what was "
+                                         "asked, and why (e.g. paper-code on a model "
+                                         "without </think>).")
 
 
 class ErrorDetail(BaseModel):

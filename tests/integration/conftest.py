@@ -15,6 +15,7 @@ from clients.client import StepzipClient
 from clients.launcher import ServerProcess
 
 MAX_MODEL_LEN = 1024
+GRADING_TIMEOUT = 2.0  # the shared server's per-answer grading deadline (s)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,8 @@ def server(default_model_dir, weights_root):
     argv = ["serve", "--model", str(default_model_dir), "--served-model-name", "smollm2",
             "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
             "--max-num-seqs", "64", "--max-problems", "8", "--step-delimiter", "\\n",
-            "--enable-weight-routes", "--weights-root", roots]
+            "--enable-weight-routes", "--weights-root", roots,
+            "--grading-timeout", str(GRADING_TIMEOUT)]
     with ServerProcess(argv, timeout=600) as proc:
         yield proc
 

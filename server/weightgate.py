@@ -9,7 +9,7 @@ request arriving during an update simply waits.
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 
 class WeightGate:
@@ -34,6 +34,8 @@ class WeightGate:
 
     @asynccontextmanager
     async def exclusive(self):
+        """Hold the gate alone; yields a handle whose `share()` lets generations back in
+        before the block ends (see `Exclusive`)."""
         async with self._cond:
             self._waiting_writers += 1
             try:
@@ -41,11 +43,15 @@ class WeightGate:
             finally:
                 self._waiting_writers -= 1
             self._updating = True
+        held = Exclusive(self)
         try:
-            yield
+            yield held
         finally:
             async with self._cond:
-                self._updating = False
+                if held.shared:
+                    self._active -= 1
+                else:
+                    self._updating = False
                 self._cond.notify_all()
 
     @property
@@ -53,28 +59,57 @@ class WeightGate:
         return self._active
 
 
+class Exclusive:
+    """An exclusive hold that can step down to a shared one without letting go: after
+    `share()` generations run again, but no other update can start before the block
+    ends. A load uses it to checksum the weights it just wrote: reading them must not
+    hold every request back, and must not read someone else's update."""
+
+    def __init__(self, gate: WeightGate) -> None:
+        self.gate, self.shared = gate, False
+
+    async def share(self) -> None:
+        gate = self.gate
+        async with gate._cond:
+            if not self.shared:
+                gate._updating, gate._active, self.shared = False, gate._active + 1, True
+                gate._cond.notify_all()
+
+
 class HeldUpdate:
     """Holds the gate exclusively across HTTP calls (TRL's start_weight_update ...
-    finish_weight_update). Released automatically after `timeout` seconds so a trainer
-    that dies mid-update cannot block generation forever."""
+    finish_weight_update). Released automatically after `timeout` seconds (another
+    `timeout` each time a call of the update is still running then), so a trainer that
+    dies mid-update cannot block generation forever; `on_timeout` runs first, still
+    holding the gate, so that half-written weights are never served."""
 
     def __init__(self, timeout: float = 600.0) -> None:
         self.timeout = timeout
+        self.timed_out = False  # the last hold ended by its timeout
         self._release: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._running = 0  # calls of the update in progress (see `step`)
 
-    async def start(self, gate: WeightGate) -> None:
+    async def start(self, gate: WeightGate, on_timeout=None) -> None:
+        """Take the gate; `on_timeout`: an async callable run if the hold times out."""
         if self._task is not None and not self._task.done():
             return
         acquired, self._release = asyncio.Event(), asyncio.Event()
+        self.timed_out = False
 
         async def hold() -> None:
             async with gate.exclusive():
                 acquired.set()
-                try:
-                    await asyncio.wait_for(self._release.wait(), self.timeout)
-                except TimeoutError:
-                    pass
+                while not self._release.is_set():
+                    try:
+                        await asyncio.wait_for(self._release.wait(), self.timeout)
+                    except TimeoutError:
+                        if self._running:  # a call is still moving weights: wait on
+                            continue
+                        self.timed_out = True  # from here `held` is False: no new calls
+                        if on_timeout is not None:
+                            await on_timeout()
+                        return
 
         self._task = asyncio.create_task(hold())
         try:
@@ -86,7 +121,16 @@ class HeldUpdate:
 
     @property
     def held(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and not self._task.done() and not self.timed_out
+
+    @contextmanager
+    def step(self):
+        """One call of the held update: the timeout does not end the hold under it."""
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.engine.compat import check_processor_interface
+from server.engine.compat import check_processor_interface, prefill_problems
 from server.engine.entropy import EXTRA_ARGS_KEY
+from server.engine.forcing import teacher_forcing
 from server.engine.placement import keep_frontend_off_workers
+from server.engine.prefill import given_logprobs, prefill_request
 from server.settings import ServerSettings
 from stepzip.modelcache import resolve_model
 from stepzip.tokens import batch_decoder
@@ -64,6 +66,9 @@ def cpu_dtype() -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+ENGINE_STOP_S = 2.0
+
+
 class EntropyUnavailable(RuntimeError):
     """The engine returned no (or incomplete) entropies for a request."""
 
@@ -78,14 +83,17 @@ class WeightLoadError(RuntimeError):
 
 @dataclass
 class WeightVersion:
-    """Which weights serve: bumped only once new weights are fully in."""
+    """Which weights serve, on every engine: bumped only once new weights are fully in
+    everywhere, and left alone when a failed update puts these weights back."""
     n: int = 0
-    path: str | None = None  # the checkpoint folder to restore from after a failed load
-    checksum: str | None = None
+    # The folder these weights were loaded from: what a failed update reloads. None after
+    # an NCCL transfer (no folder holds them): workers then keep a host copy during the
+    # next update instead.
+    path: str | None = None
 
     @property
     def label(self) -> str:
-        return f"v{self.n}" + (f"-{self.checksum[:8]}" if self.checksum else "")
+        return f"v{self.n}"
 
 
 @dataclass
@@ -147,6 +155,23 @@ def _unwritten(values: list[float]) -> int:
     return sum(1 for v in values if math.isnan(v))
 
 
+def one_engine_digests(per_worker: list[dict[str, str]]) -> dict[str, str]:
+    """vLLM's per-tensor digests of every worker (names prefixed `dp{i}:pp..:tp..:`), with
+    the data-parallel engine dropped from the names: each engine must hold the same."""
+    engines: dict[str, dict[str, str]] = {}
+    for worker in per_worker:
+        for name, value in worker.items():
+            engine, _, rest = name.partition(":")
+            engines.setdefault(engine, {})[rest] = value
+    first, *others = engines.values()
+    for engine, digests in zip(list(engines)[1:], others):
+        if digests != first:
+            differ = sorted(n for n in first if digests.get(n) != first[n])
+            raise RuntimeError(f"data-parallel engine {engine} holds other weights than "
+                               f"{next(iter(engines))}: {differ[:5]}")
+    return first
+
+
 class EntropyFetcher:
     """Coalesces entropy reads of requests finishing together into one collective_rpc."""
 
@@ -156,6 +181,8 @@ class EntropyFetcher:
         self.draining: asyncio.Task | None = None
         self.rpc_calls = 0
         self.observe = None  # optional callback(seconds) per RPC, for metrics
+        self.on_evictions = None  # optional callback(count) of newly reported evictions
+        self.evictions: dict[int, int] = {}  # per data-parallel engine, as last reported
 
     async def fetch(self, key: str, n: int) -> list[float] | None:
         future = asyncio.get_running_loop().create_future()
@@ -175,7 +202,8 @@ class EntropyFetcher:
                 self.rpc_calls += 1
                 if self.observe is not None:
                     self.observe(time.perf_counter() - started)
-                merged = merge_worker_entropies(results)
+                merged = merge_worker_entropies([entropies for entropies, _ in results])
+                self._count_evictions([evictions for _, evictions in results])
                 for p in batch:
                     if not p.future.done():
                         p.future.set_result(merged.get(p.key))
@@ -183,6 +211,16 @@ class EntropyFetcher:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
+
+    def _count_evictions(self, reports: list[tuple[int, int]]) -> None:
+        """Workers report (data-parallel engine, evictions so far). Tensor-parallel ranks
+        that all sample evict the same keys, so an engine counts its highest report once."""
+        before = sum(self.evictions.values())
+        for engine, count in reports:
+            self.evictions[engine] = max(self.evictions.get(engine, 0), count)
+        added = sum(self.evictions.values()) - before
+        if added and self.on_evictions is not None:
+            self.on_evictions(added)
 
     async def release(self, keys: list[str]) -> None:
         try:
@@ -202,6 +240,10 @@ class Engine:
         self.model_name: str = settings.served_model_name or settings.model
         self.max_model_len = settings.max_model_len
         self.processor: str | None = None
+        # How /v1/score gets given tokens' entropies: "prefill" (one pass, prefill.py),
+        # "forcing" (one decode step per token, forcing.py) or None (no entropies).
+        self.scoring: str | None = None
+        self.scoring_reason: str | None = None  # why "forcing"
         self.seed_unsafe = False
         self.on_cpu = False
         self.ready = False
@@ -225,6 +267,8 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.decode_many = batch_decoder(self.tokenizer)  # None: token_pieces decodes alone
         self.fetcher = EntropyFetcher(self.llm)
+        if self.settings.entropy:
+            self.scoring = await self._install_prefill_scoring()
         self.weights = WeightVersion(path=self.model_path)
         if self.settings.pin_frontend and self.on_cpu:
             try:
@@ -238,6 +282,21 @@ class Engine:
         self.startup_s = time.perf_counter() - started
         log.info("engine ready in %.1f s (%s, processor %s)", self.startup_s, self.model_path,
                  self.processor)
+
+    async def _install_prefill_scoring(self) -> str:
+        """"prefill" when every worker scores /v1/score requests by one prefill pass, else
+        "forcing" (said in the log and /health): nothing half-installed is used."""
+        problems = prefill_problems(use_v2=self.processor == PROCESSOR_V2)
+        if not problems:
+            per_worker = await rpc_every_worker(self.llm, "stepzip_install_prefill_scoring")
+            problems = sorted({p for worker in per_worker for p in worker})
+        if problems:
+            self.scoring_reason = "; ".join(problems)
+            log.warning("/v1/score teacher-forces one decode step per token (prefill "
+                        "scoring unavailable: %s)", self.scoring_reason)
+            return "forcing"
+        log.info("/v1/score scores given tokens by one prefill pass")
+        return "prefill"
 
     def _build_llm(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -299,7 +358,9 @@ class Engine:
     async def shutdown(self) -> None:
         self.ready = False
         if self.llm is not None:
-            await asyncio.to_thread(self.llm.shutdown)
+            # vLLM's default gives the engine core 5 s, then kills it; its requests are
+            # aborted already, so 2 s keep a SIGTERM's whole stop near 10 s.
+            await asyncio.to_thread(self.llm.shutdown, ENGINE_STOP_S)
             self.llm = None
 
     @property
@@ -347,59 +408,83 @@ class Engine:
     async def reset_prefix_cache(self) -> None:
         await self.llm.reset_prefix_cache()
 
-    async def checksum(self, folder: str | None = None) -> str:
-        """sha256 over the engine's own per-tensor digests (what is loaded). vLLM's CPU
-        backend packs linear weights into its GEMM kernels and empties the parameters,
-        so its digests miss them; then, after a load from `folder` (all or nothing), the
-        checksum is of the weight files loaded instead."""
+    async def checksum(self) -> str:
+        """sha256 over the engine's own per-tensor digests of what is loaded (every worker
+        of one engine; every data-parallel engine must hold the same). vLLM's CPU backend
+        packs linear weights into its GEMM kernels and empties the parameters, so its
+        digests miss them; there, the checksum is of the weight files of the folder
+        loaded (a load is all or nothing)."""
         per_worker = await self.llm.compute_weight_checksums()
-        digests = per_worker[0]
-        if folder is not None and EMPTY_DIGEST in digests.values():
+        digests = one_engine_digests(per_worker)
+        if self.weights.path is not None and EMPTY_DIGEST in digests.values():
             from server.checkpoint import checkpoint_digest
 
-            return await asyncio.to_thread(checkpoint_digest, folder)
+            return await asyncio.to_thread(checkpoint_digest, self.weights.path)
         digest = hashlib.sha256()
         for name, value in sorted(digests.items()):
             digest.update(f"{name}={value};".encode())
         return digest.hexdigest()
 
     async def check_checkpoint(self, tensors: list[tuple[str, list[int], str]]) -> list[str]:
-        """Problems a load of these tensors would hit, found by a dry run in every worker."""
-        per_worker = await self.llm.collective_rpc("stepzip_check_checkpoint",
-                                                   args=(tensors,))
+        """Problems a load of these tensors would hit, found by a dry run in every worker
+        of every data-parallel engine."""
+        per_worker = await rpc_every_worker(self.llm, "stepzip_check_checkpoint", tensors)
         return sorted({p for problems in per_worker for p in problems})
 
-    async def reload_weights(self, path: str, checksum: bool = False) -> WeightVersion:
-        """Load a checkpoint folder in place, all or nothing: on failure the previous one
-        is reloaded and WeightLoadError raised; the version moves only on success."""
-        errors = await self.llm.collective_rpc(
-            "stepzip_reload_weights", args=(path, self.weights.path))
-        await self.llm.reset_prefix_cache()
+    async def reload_weights(self, path: str) -> WeightVersion:
+        """Load a checkpoint folder in place on every worker of every engine, all or
+        nothing: if any worker fails, every worker gets the last good weights back (those
+        that succeeded too) and WeightLoadError is raised; the version moves only when all
+        succeeded."""
+        await self._keep_last_good()
+        try:
+            errors = await rpc_every_worker(self.llm, "stepzip_reload_weights", path)
+        except Exception:
+            await self.restore_weights()
+            raise
         failed = [e for e in errors if e]
         if failed:
-            raise WeightLoadError(failed[0])
-        digest = await self.checksum(path) if checksum else None
-        self.weights = WeightVersion(self.weights.n + 1, path, digest)
+            await self.restore_weights()
+            raise WeightLoadError(f"{len(failed)} of {len(errors)} workers failed: {failed[0]}")
+        await self._forget_last_good()
+        await self.llm.reset_prefix_cache()
+        self.weights = WeightVersion(self.weights.n + 1, path)
         return self.weights
 
     async def restore_weights(self) -> None:
-        """Put the last checkpoint loaded from disk back (after a failed transfer)."""
-        await self.reload_weights(self.weights.path)
+        """Put the last good weights back on every worker (after a failed load, transfer
+        or timed-out update): reloaded from their folder, or from the host copy taken
+        when the update began if they came from a transfer. The version stays: it names
+        these weights."""
+        await rpc_every_worker(self.llm, "stepzip_restore_weights", self.weights.path)
+        await self.llm.reset_prefix_cache()
+
+    async def _keep_last_good(self) -> None:
+        """Weights no folder holds (an NCCL transfer's) are copied to host memory before
+        anything overwrites them; weights from a folder are reloaded from it instead."""
+        if self.weights.path is None:
+            await rpc_every_worker(self.llm, "stepzip_snapshot_weights")
+
+    async def _forget_last_good(self) -> None:
+        if self.weights.path is None:
+            await rpc_every_worker(self.llm, "stepzip_drop_snapshot")
 
     async def init_weight_transfer_engine(self, request) -> None:
         await self.llm.init_weight_transfer_engine(request)
 
     async def start_weight_update(self) -> None:
+        await self._keep_last_good()
         await self.llm.start_weight_update()
 
     async def update_weights(self, request) -> None:
         await self.llm.update_weights(request)
 
     async def finish_weight_update(self) -> WeightVersion:
-        """Commit an NCCL transfer: the new weights have no folder of their own, so a
-        later failed load restores the last folder loaded."""
-        new = WeightVersion(self.weights.n + 1, self.weights.path)
+        """Commit an NCCL transfer: the new weights have no folder, so until the next
+        load, an update keeps a host copy of them to restore."""
+        new = WeightVersion(self.weights.n + 1, None)
         await self.llm.finish_weight_update(weight_version=new.label)
+        await self._forget_last_good()
         await self.llm.reset_prefix_cache()
         self.weights = new
         return new
@@ -451,6 +536,41 @@ class Engine:
         )
         if entropy and self.settings.entropy:
             gen.entropies = await self.entropies(request_id, len(gen.token_ids))
+        gen.seconds = time.perf_counter() - started
+        gen.entropy_fetch_s = time.perf_counter() - done
+        return gen
+
+    async def score(self, prompt_ids: list[int], token_ids: list[int], *,
+                    logprobs: bool = False) -> Generation:
+        """`token_ids` after `prompt_ids`, teacher-forced: one entropy per given token,
+        and with `logprobs` each given token's logprob under the model's own (unforced)
+        distribution, in `Generation.logprobs` as vLLM's per-position dicts. Forcing
+        cannot give logprobs (the forced logit makes every one 0): callers refuse that."""
+        if self.scoring != "prefill":
+            if logprobs:
+                raise ValueError("given tokens' logprobs need prefill scoring")
+            params = self.sampling_params(**teacher_forcing(token_ids))
+            return await self.generate(prompt_ids, params, entropy=True)
+        from vllm.sampling_params import RequestOutputKind
+
+        key = f"sz-{uuid.uuid4().hex}"
+        prompt, kwargs = prefill_request(key, prompt_ids, token_ids, logprobs)
+        params = self.sampling_params(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
+        started = time.perf_counter()
+        final = None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt}, params, key):
+                final = out
+        finally:
+            if final is None or not final.finished:
+                await self.fetcher.release([key])
+        done = time.perf_counter()
+        # text: callers decode the given ids themselves (the engine detokenized nothing)
+        gen = Generation(request_id=key, prompt_token_ids=list(prompt_ids),
+                         token_ids=list(token_ids), text="", finish_reason=None,
+                         logprobs=given_logprobs(final.prompt_logprobs, len(token_ids))
+                         if logprobs else None)
+        gen.entropies = await self.entropies(key, len(token_ids))
         gen.seconds = time.perf_counter() - started
         gen.entropy_fetch_s = time.perf_counter() - done
         return gen

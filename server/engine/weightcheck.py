@@ -3,15 +3,19 @@
 `dry_run_load` feeds the model's own `load_weights` meta tensors shaped like the
 checkpoint's, with every parameter's weight loader swapped for a recorder: the model maps
 checkpoint names to parameters exactly as a real load would (stacked q/k/v, tied
-embeddings, unknown-name errors), but nothing is copied. `reload_or_restore` reloads in
-place and, when that fails half-way, puts the previous checkpoint back: vLLM's in-place
-reload moves layers to the meta device first, so an exception there leaves a model that
-kills the engine at its next step.
+embeddings, unknown-name errors), but nothing is copied. `reload_in_place` reloads and,
+when that fails half-way, puts the untouched layers back (vLLM's in-place reload moves
+layers to the meta device first, so an exception there leaves a model that kills the
+engine at its next step); the layers already loaded keep the new weights until the server
+calls `restore_weights` on every worker, from the last good folder or from the
+`host_snapshot` taken before weights no folder holds were overwritten.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
@@ -101,16 +105,76 @@ def checkpoint_format(model: torch.nn.Module, name: str, param: torch.Tensor) ->
     return recorded if recorded is not None else param
 
 
-def reload_or_restore(worker, path: str, previous: str) -> str | None:
-    """Reload from `path`; on failure restore `previous` and return the error."""
+def reload_in_place(worker, path: str) -> str | None:
+    """Reload from `path`; None, or the error with the model runnable again (layers
+    loaded before the failure hold the new weights: the caller restores)."""
     from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
-    try:
-        worker.reload_weights(weights_path=path)
-        return None
-    except Exception as exc:  # noqa: BLE001 - any failure: restore, then report it
-        error = f"{type(exc).__name__}: {exc}"
     model = worker.model_runner.get_model()
+    try:
+        with injected_fault(worker, model):
+            worker.reload_weights(weights_path=path)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure: report it, the server restores
+        error = f"{type(exc).__name__}: {exc}"
     finalize_layerwise_reload(model, worker.vllm_config.model_config)  # undo the meta swap
-    worker.reload_weights(weights_path=previous)  # raises only if the engine is beyond help
     return error
+
+
+def host_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of every parameter as the kernels hold it (vLLM's kernel format), for
+    `restore_weights`. Not on the CPU backend, whose packed GEMM weights live outside the
+    parameters; there every weight state comes from a folder (no NCCL transfers)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
+def restore_weights(worker, path: str | None, snapshot: dict | None) -> None:
+    """Put the last good weights back after a failed load or an interrupted transfer:
+    reload `path`, or copy `snapshot` back when no folder holds them."""
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    model = worker.model_runner.get_model()
+    # A transfer stopped half-way leaves layers on the meta device and vLLM's update
+    # session open (the trainer's next /start_weight_update would be refused): close
+    # both. Finalizing a model with no load in progress changes nothing.
+    finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    if getattr(worker, "_weight_update_active", False):
+        worker.weight_transfer_engine.reset_weight_update_target()
+        worker._weight_update_active = False
+    if path is not None:
+        worker.reload_weights(weights_path=path)
+    elif snapshot is not None:
+        worker.reload_weights(weights_iterator=iter(snapshot.items()),
+                              is_checkpoint_format=False)
+    else:
+        raise RuntimeError("no last good weights to restore: no folder and no host copy")
+
+
+# Test hook: a reload on the data-parallel engines listed here ("1" or "0,1") fails
+# half-way, after FAULT_AFTER_TENSORS tensors, as a read error would: layers loaded before
+# it hold the new weights. Read in the worker, so one engine can fail while others load.
+FAULT_ENV = "STEPZIP_TEST_FAIL_RELOAD_ON_DP"
+FAULT_AFTER_TENSORS = 100
+
+
+@contextmanager
+def injected_fault(worker, model: torch.nn.Module):
+    engines = os.environ.get(FAULT_ENV, "").split(",")
+    if str(worker.vllm_config.parallel_config.data_parallel_index) not in engines:
+        yield
+        return
+    load = model.load_weights
+
+    def failing_load(weights):
+        def cut():
+            for i, item in enumerate(weights):
+                if i == FAULT_AFTER_TENSORS:
+                    raise OSError(f"injected fault ({FAULT_ENV}) after {i} tensors")
+                yield item
+        return load(cut())
+
+    model.load_weights = failing_load
+    try:
+        yield
+    finally:
+        del model.load_weights

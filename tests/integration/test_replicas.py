@@ -1,10 +1,13 @@
 """Scale-out with real engines on the CPU: one data-parallel server (two vLLM engine
 cores, `--data-parallel-size 2`) next to the shared single-engine server.
 
-1. A K = 14 rollout batch sent to the data-parallel server: every request returns its
-   entropies (vLLM 0.32's `collective_rpc` alone would lose those of engine 1) and they
-   match the single-engine server's, greedy.
-2. The two servers as replicas behind one client: `build-sft` uses both; the
+1. A K = 14 rollout batch sent to the data-parallel server: both engines run some of
+   it, every request returns its entropies (vLLM 0.32's `collective_rpc` alone would
+   lose those of engine 1) and they match the single-engine server's, greedy.
+2. A weight load that fails half-way in engine 1's worker only (an injected fault, see
+   server/engine/weightcheck.py) is reported as failed, and both engines go on serving
+   the old weights under the old version (engine 0 had loaded the new ones).
+3. The two servers as replicas behind one client: `build-sft` uses both; the
    data-parallel one is killed mid-run; every problem ends up exactly once and the run
    finishes on the survivor.
 
@@ -15,15 +18,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from clients.client import StepzipClient
 from clients.launcher import ServerProcess
+from server.engine.weightcheck import FAULT_ENV
 
 pytestmark = pytest.mark.engine
 
@@ -32,7 +41,12 @@ TOLERANCE = 1e-3  # nats, as the entropy oracle (conftest.TOLERANCE)
 
 
 @pytest.fixture(scope="module")
-def dp_server(default_model_dir, tmp_path_factory):
+def dp_weights_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("dp-weights")
+
+
+@pytest.fixture(scope="module")
+def dp_server(default_model_dir, dp_weights_root, tmp_path_factory):
     # vLLM's CPU workers take one core list per data-parallel rank ("a|b"); both ranks
     # share the core this test run was given.
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0")
@@ -41,11 +55,55 @@ def dp_server(default_model_dir, tmp_path_factory):
     argv = ["serve", "--model", str(default_model_dir), "--served-model-name", "smollm2",
             "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gib", "1",
             "--max-num-seqs", "16", "--max-problems", "8", "--step-delimiter", "\\n",
-            "--data-parallel-size", "2"]
+            "--data-parallel-size", "2",
+            "--enable-weight-routes", "--weights-root", str(dp_weights_root)]
     log = tmp_path_factory.mktemp("dp") / "server.log"
-    with ServerProcess(argv, env={"VLLM_CPU_OMP_THREADS_BIND": bind}, log_path=log,
-                       timeout=600) as proc:
+    # Every weight load fails half-way in engine 1's worker (test 2).
+    env = {"VLLM_CPU_OMP_THREADS_BIND": bind, FAULT_ENV: "1"}
+    with ServerProcess(argv, env=env, log_path=log, timeout=600) as proc:
         yield proc
+
+
+def engine_cpu_seconds(server: ServerProcess) -> dict[int, float]:
+    """CPU seconds used so far by each data-parallel engine core (vLLM titles them
+    `VLLM::EngineCore_DP<i>`) with its worker processes, if any."""
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    seconds = {}
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            match = re.search(r"EngineCore_DP(\d+)", " ".join(p.cmdline()))
+            if match:
+                seconds[int(match[1])] = used(p) + sum(
+                    used(c) for c in p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    return seconds
+
+
+class EngineWork:
+    """`with EngineWork(server) as work:` ... `work.seconds`: CPU seconds each engine used
+    in the block; `work.check_both_ran()`: each used at least a third of the busier one's
+    (an idle engine core waits on its input queue and uses almost none)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server, self.seconds = server, {}
+
+    def __enter__(self):
+        self.start = engine_cpu_seconds(self.server)
+        assert sorted(self.start) == [0, 1], f"engine cores not found: {self.start}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = engine_cpu_seconds(self.server)
+        self.seconds = {i: end[i] - self.start[i] for i in self.start}
+
+    def check_both_ran(self) -> None:
+        busiest = max(self.seconds.values())
+        assert busiest > 0 and min(self.seconds.values()) >= busiest / 3, (
+            f"one engine did (almost) nothing: CPU seconds per engine {self.seconds}")
 
 
 def rollout(client: StepzipClient, prompts: list[str]) -> list[dict]:
@@ -63,8 +121,10 @@ def test_k14_batch_on_two_data_parallel_engines_returns_every_entropy(dp_server,
     prompts = ["Tom has 3 apples and buys 4 more. How many apples?",
                "A train travels 60 miles in 1.5 hours. What is its speed?"] * (K // 2)
     with StepzipClient(dp_server.url) as dp, StepzipClient(server.url) as single:
-        spread = rollout(dp, prompts)
+        with EngineWork(dp_server) as work:
+            spread = rollout(dp, prompts)
         reference = rollout(single, prompts[:2])
+    work.check_both_ran()
     worst = 0.0
     for i, choice in enumerate(spread):
         expected = reference[i % 2]
@@ -75,7 +135,52 @@ def test_k14_batch_on_two_data_parallel_engines_returns_every_entropy(dp_server,
         worst = max(worst, *diffs)
     assert worst <= TOLERANCE
     print(f"\n{K} requests over 2 data-parallel engines: worst |diff| vs one engine "
-          f"{worst:.2e} nats")
+          f"{worst:.2e} nats; engine CPU seconds {work.seconds}")
+
+
+def test_a_load_failing_in_one_engine_fails_and_both_keep_the_old_weights(
+        dp_server, dp_weights_root, default_model_dir):
+    """Engine 0 loads the new (changed) weights, engine 1's worker fails half-way: the
+    load is a 422 naming `path`, and afterwards both engines serve exactly what they did
+    before (tokens, entropies within the oracle's tolerance) under the same version. It
+    used to answer 200: vLLM's `collective_rpc` returns engine 0's result only."""
+    tensors = load_file(str(default_model_dir / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith("mlp.down_proj.weight")]:
+        tensors[name] = torch.zeros_like(tensors[name])  # changes the greedy tokens
+    changed = dp_weights_root / "zeroed-mlp"
+    changed.mkdir(exist_ok=True)
+    save_file(tensors, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    prompts = ["Tom has 3 apples and buys 4 more. How many apples?"] * K
+
+    def version() -> str:
+        return httpx.get(dp_server.url + "/health", timeout=30).json()["weight_version"]
+
+    with StepzipClient(dp_server.url) as dp:
+        version_before = version()
+        with EngineWork(dp_server) as before_work:
+            before = rollout(dp, prompts)
+        r = httpx.post(dp_server.url + "/v1/weights/load",
+                       json={"path": str(changed), "checksum": True}, timeout=600)
+        assert r.status_code == 422, r.text
+        detail = r.json()["details"][0]
+        assert detail["field"] == "path" and "injected fault" in detail["reason"], detail
+        assert "1 of 2 workers failed" in detail["reason"], detail
+        with EngineWork(dp_server) as after_work:
+            after = rollout(dp, prompts)
+    before_work.check_both_ran()
+    after_work.check_both_ran()
+    assert version() == version_before
+    worst = 0.0
+    for i, (old, new) in enumerate(zip(before, after)):
+        assert new["token_ids"] == old["token_ids"], f"request {i}: other tokens"
+        diffs = [abs(a - b) for a, b in zip(new["stepzip"]["entropies"],
+                                            old["stepzip"]["entropies"])]
+        worst = max(worst, *diffs)
+    assert worst <= TOLERANCE
+    print(f"\nload failed in engine 1 only: 422 ({detail['reason'][:100]}...); "
+          f"{K} requests after it on both engines (CPU s {after_work.seconds}) match, "
+          f"worst entropy |diff| {worst:.2e}; version {version_before}")
 
 
 def test_killing_a_replica_mid_build_loses_no_problem(dp_server, server, tmp_path):

@@ -106,11 +106,24 @@ def _load(url: str, folder) -> dict:
     return r.json()
 
 
-def test_changed_weights_change_the_checksum_and_the_output(server, default_model_dir,
-                                                            weights_root):
-    """New weights give a new checksum (and new tokens), the original weights the original
-    one back. Only linear layers change: vLLM's CPU backend packs those into its GEMM
-    kernels and empties the parameters, which its own digests then miss."""
+def _output(url: str) -> tuple[list[int], list[float]]:
+    """What the loaded weights do: greedy tokens and their log-probabilities."""
+    r = httpx.post(url + "/v1/completions", json={
+        "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+        "logprobs": 0, "return_token_ids": True}, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+def test_the_checksum_and_the_output_follow_the_loaded_weights(server, default_model_dir,
+                                                               weights_root):
+    """On the CPU the checksum is a digest of the weight files loaded (vLLM packs linear
+    weights into its GEMM kernels and empties the parameters its own digests read), so
+    equal checksums alone would only compare files with files. What is loaded is checked
+    by output: changed weights give another checksum and other tokens and log-probs; the
+    original weights bring back the original checksum and exactly the original output.
+    Only linear layers change, the ones vLLM's own digests miss on the CPU."""
     tensors = load_file(str(default_model_dir / "model.safetensors"))
     for name in [n for n in tensors if n.endswith("mlp.down_proj.weight")]:
         tensors[name] = torch.zeros_like(tensors[name])
@@ -118,13 +131,19 @@ def test_changed_weights_change_the_checksum_and_the_output(server, default_mode
     changed_dir.mkdir(exist_ok=True)
     save_file(tensors, str(changed_dir / "model.safetensors"), metadata={"format": "pt"})
     del tensors
-    before = _greedy(server.url)
+    served = _output(server.url)
     original = _load(server.url, default_model_dir)
+    original_output = _output(server.url)
     try:
         changed = _load(server.url, changed_dir)
-        assert changed["checksum"] != original["checksum"]
-        assert _greedy(server.url) != before
+        changed_output = _output(server.url)
+        assert _version(server.url) == changed["version"] != original["version"]
     finally:
         restored = _load(server.url, default_model_dir)
+    restored_output = _output(server.url)
+    assert original_output == served  # the default weights were loaded already
+    assert changed["checksum"] != original["checksum"]
+    assert changed_output[0] != original_output[0]
     assert restored["checksum"] == original["checksum"]
-    assert _greedy(server.url) == before
+    assert restored_output == original_output  # tokens and log-probs, exactly
+    assert _version(server.url) == restored["version"]

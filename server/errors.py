@@ -32,6 +32,9 @@ VLLM_PATHS = frozenset({
 # vLLM's `type` for the statuses its OpenAI routes answer (create_error_response).
 _VLLM_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
                501: "NotImplementedError", 503: "ServiceUnavailableError"}
+# Statuses outside the HTTP standard (HTTPStatus raises on them): nginx's 499, which
+# records a request whose client went away before the answer.
+_NONSTANDARD_PHRASES = {499: "Client Closed Request"}
 _MAX_REPORTED = 10  # validation errors listed in one message (vLLM's bound too)
 
 
@@ -67,12 +70,16 @@ def error_response(request: Request, exc: ApiError) -> JSONResponse:
     if is_vllm_route(request):
         status = 400 if status == 422 else status  # vLLM answers every bad request 400
         body = {"error": {"message": exc.error,
-                          "type": exc.kind or _VLLM_TYPES.get(status, HTTPStatus(status).phrase),
+                          "type": exc.kind or _VLLM_TYPES.get(status) or _phrase(status),
                           "param": exc.field, "code": status}}
     else:
         body = {"error": exc.error, "details": exc.details}
     headers = {"Retry-After": "5"} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _phrase(status: int) -> str:
+    return _NONSTANDARD_PHRASES.get(status) or HTTPStatus(status).phrase
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:

@@ -13,6 +13,9 @@ from collections import OrderedDict
 
 import torch
 
+# Every SamplingParams.extra_args key stepzip's processors read starts with this
+# (forcing.FORCE_KEY too): the server sets them, and refuses them from clients.
+INTERNAL_KEY_PREFIX = "stepzip_"
 # SamplingParams.extra_args key carrying a request's entropy key.
 EXTRA_ARGS_KEY = "stepzip_entropy_key"
 
@@ -70,9 +73,12 @@ class EntropyStore:
     writes for rows nobody asked about, so adapters can write without branching on the
     host. A key keeps its entry across preemption/recompute; when entries run out, the
     oldest released-by-engine-but-unfetched entry is evicted (its fetch then reports it).
+    Evicted keys are remembered, oldest first, up to `max_evicted` (default: as many as
+    entries), so that keys nobody fetches cannot pile up in the worker.
     """
 
-    def __init__(self, num_entries: int, max_len: int, device: torch.device | str):
+    def __init__(self, num_entries: int, max_len: int, device: torch.device | str,
+                 max_evicted: int | None = None):
         self.num_entries = num_entries
         self.max_len = max_len
         self.scratch = num_entries
@@ -84,7 +90,12 @@ class EntropyStore:
         self._entry_of: dict[str, int] = {}
         self._free = list(range(num_entries - 1, -1, -1))
         self._idle: OrderedDict[str, None] = OrderedDict()  # keys the engine let go of
-        self.evicted: set[str] = set()
+        # Keys whose entry went unfetched, oldest first. Forgetting one is safe: if its
+        # request resumes (after preemption) it gets a fresh entry, and a fetch then
+        # reports the earlier positions as never written (NaN) instead of None.
+        self.evicted: OrderedDict[str, None] = OrderedDict()
+        self.max_evicted = num_entries if max_evicted is None else max_evicted
+        self.evictions = 0  # entries evicted unfetched since start: reported with fetches
 
     def entry_for(self, key: str) -> int:
         """The entry of `key`, allocating one (and clearing it) the first time."""
@@ -99,11 +110,19 @@ class EntropyStore:
                     return self.scratch
                 victim, _ = self._idle.popitem(last=False)
                 self._free.append(self._entry_of.pop(victim))
-                self.evicted.add(victim)
+                self._remember_evicted(victim)
             entry = self._free.pop()
             self._entry_of[key] = entry
         self.buf[entry].fill_(float("nan"))
         return entry
+
+    def _remember_evicted(self, key: str) -> None:
+        """Count an eviction and remember its key, forgetting the oldest past the bound.
+        The caller holds the lock."""
+        self.evictions += 1
+        self.evicted[key] = None
+        if len(self.evicted) > self.max_evicted:
+            self.evicted.popitem(last=False)
 
     def mark_idle(self, key: str) -> None:
         """The engine removed the request from its batch (finished or preempted)."""
@@ -134,7 +153,7 @@ class EntropyStore:
             for key in keys:
                 entry = self._entry_of.pop(key, None)
                 self._idle.pop(key, None)
-                self.evicted.discard(key)
+                self.evicted.pop(key, None)
                 if entry is not None:
                     self._free.append(entry)
 

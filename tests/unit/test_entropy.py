@@ -394,17 +394,43 @@ def test_full_store_evicts_oldest_idle_key_and_fetch_reports_none():
     store.mark_idle("a")
     c = store.entry_for("c")  # full: the oldest idle key (b) goes
     assert c == b
-    assert store.evicted == {"b"}
+    assert list(store.evicted) == ["b"]
     assert torch.isnan(store.buf[c]).all()
     d = store.entry_for("d")  # next oldest idle: a
     assert d == a
-    assert store.evicted == {"a", "b"}
+    assert list(store.evicted) == ["b", "a"]  # oldest first
     write(store, d, [4.0])
     out = store.fetch([("a", 1), ("b", 1), ("c", 1), ("d", 1)])
     assert out["a"] is None and out["b"] is None  # evicted
     assert math.isnan(out["c"][0])  # allocated, never written
     assert out["d"] == [4.0]
-    assert store.evicted == set()  # fetch releases; evicted keys are forgotten
+    assert not store.evicted  # fetch releases; evicted keys are forgotten
+
+
+def test_unfetched_keys_stay_bounded_and_the_oldest_are_forgotten_first():
+    store = store_of(entries=4)  # remembers at most 4 evicted keys by default
+    keys = [f"k{i}" for i in range(10_000)]
+    for key in keys:  # finished requests nobody fetches
+        store.entry_for(key)
+        store.mark_idle(key)
+    assert store.evictions == 10_000 - 4  # every entry but the last 4 went unfetched
+    assert list(store.evicted) == keys[-8:-4]  # the newest evicted, oldest forgotten
+    assert len(store._idle) == len(store._entry_of) == 4
+    assert store.fetch([("k0", 1), (keys[-5], 1)]) == {"k0": None, keys[-5]: None}
+    assert list(store.evicted) == keys[-8:-5]  # a fetch releases what it asked for
+
+
+def test_a_forgotten_evicted_key_that_comes_back_reads_as_never_written():
+    store = store_of(entries=1, max_len=4)
+    store.max_evicted = 0  # forget every evicted key at once
+    write(store, store.entry_for("a"), [1.0, 2.0])
+    store.mark_idle("a")  # preempted
+    store.entry_for("b")  # evicts a, and forgets it
+    store.mark_idle("b")
+    store.buf[store.entry_for("a"), 2] = 3.0  # resumed after recompute: writes go on
+    values = store.fetch([("a", 3)])["a"]
+    assert math.isnan(values[0]) and math.isnan(values[1])  # Engine.entropies refuses it
+    assert store.evictions == 2
 
 
 def test_full_store_without_idle_keys_hands_out_scratch():
@@ -416,7 +442,7 @@ def test_full_store_without_idle_keys_hands_out_scratch():
     store.mark_idle("a")
     assert store.entry_for("a") == a
     assert store.entry_for("c") == store.scratch
-    assert store.evicted == set()
+    assert not store.evicted and store.evictions == 0
 
 
 def test_fetch_unknown_key_none_and_unwritten_positions_nan():

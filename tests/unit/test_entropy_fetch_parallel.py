@@ -21,10 +21,13 @@ from server.engine.engine import EntropyFetcher, merge_worker_entropies, rpc_eve
 NAN = math.nan
 
 
-def dp_llm(engine_workers: dict[bytes, list[dict]]) -> tuple[AsyncLLM, list]:
+def dp_llm(engine_workers: dict[bytes, list[dict]],
+           evictions: dict[bytes, list[int]] | None = None) -> tuple[AsyncLLM, list]:
     """An AsyncLLM over vLLM's DPLBAsyncMPClient whose engines answer with the given
-    per-worker fetch results; returns it and the log of (engine, method, args) calls."""
+    per-worker fetch results (and per-worker eviction counts, default 0); returns it and
+    the log of (engine, method, args) calls."""
     calls: list = []
+    evictions = evictions or {}
     client = object.__new__(DPLBAsyncMPClient)
     client.core_engines = list(engine_workers)
     client.core_engine = client.core_engines[0]
@@ -36,7 +39,10 @@ def dp_llm(engine_workers: dict[bytes, list[dict]]) -> tuple[AsyncLLM, list]:
         if rpc_method == "stepzip_release_entropies":
             return [len(rpc_args[0])] * len(engine_workers[engine])
         wanted = [key for key, _ in rpc_args[0]]
-        return [{k: w.get(k) for k in wanted} for w in engine_workers[engine]]
+        rank = client.core_engines.index(engine)
+        counts = evictions.get(engine, [0] * len(engine_workers[engine]))
+        return [({k: w.get(k) for k in wanted}, (rank, count))
+                for w, count in zip(engine_workers[engine], counts, strict=True)]
 
     client._call_utility_async = round_trip
     client.shutdown = lambda timeout=None: None  # no engine processes to stop
@@ -55,8 +61,9 @@ def test_vllm_collective_rpc_returns_engine_0_only_but_every_worker_is_reached()
         return plain, every
 
     plain, every = asyncio.run(go())
-    assert plain == [{"b": None}]  # the request served by engine 1 is lost this way
-    assert every == [{"a": [0.5, 0.25], "b": None}, {"a": None, "b": [1.0]}]
+    assert plain == [({"b": None}, (0, 0))]  # the request served by engine 1 is lost so
+    assert [entropies for entropies, _ in every] == [{"a": [0.5, 0.25], "b": None},
+                                                     {"a": None, "b": [1.0]}]
     assert {engine for engine, _, _ in calls} == set(engines)
 
 
@@ -91,3 +98,23 @@ def test_merge_prefers_the_fully_written_copy_and_keeps_unknown_keys():
     assert merged["a"] == [2.0, 1.0]
     assert math.isnan(merged["b"][0])  # incomplete, so Engine.entropies reports positions
     assert merged["c"] is None
+
+
+def test_fetcher_counts_each_engines_evictions_once_and_only_new_ones():
+    # engine 0: two tensor-parallel ranks that both sample (and so evict the same keys)
+    engines = {b"\x00\x00": [{"a": [0.1]}, {"a": [0.1]}], b"\x01\x00": [{"b": [0.2]}]}
+    counts = {b"\x00\x00": [3, 3], b"\x01\x00": [2]}
+    llm, _ = dp_llm(engines, counts)
+    fetcher = EntropyFetcher(llm)
+    reported: list[int] = []
+    fetcher.on_evictions = reported.append
+
+    async def go():
+        await fetcher.fetch("a", 1)
+        counts[b"\x01\x00"] = [7]  # engine 1 evicted 5 more since
+        await fetcher.fetch("b", 1)
+        await fetcher.fetch("a", 1)  # nothing new
+
+    asyncio.run(go())
+    assert reported == [5, 5]
+    assert fetcher.evictions == {0: 3, 1: 7}

@@ -55,3 +55,45 @@ def test_both_error_bodies_are_in_the_openapi_schema(client):
     assert {"VllmErrorBody", "ErrorBody"} <= set(schemas)
     completions = client.get("/openapi.json").json()["paths"]["/v1/completions"]["post"]
     assert {"400", "404", "503"} <= set(completions["responses"])
+
+
+class HangingOpenAI:
+    """A generation that never ends, so only the client's going away finishes it."""
+
+    cancelled = False
+
+    async def create_completion(self, req, raw_request):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            HangingOpenAI.cancelled = True
+            raise
+
+
+def test_client_disconnect_is_recorded_as_499_without_an_exception():
+    settings = ServerSettings()
+    engine = StartingEngine(settings)
+    app = create_app(settings, engine)
+    engine.ready, app.state.compressor, app.state.openai = True, object(), HangingOpenAI()
+    body = b'{"prompt": "hi", "max_tokens": 4}'
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "scheme": "http", "http_version": "1.1", "server": ("test", 80),
+             "client": ("test", 1), "headers": [(b"content-type", b"application/json"),
+                                                (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():  # the body, then the client is gone
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # raised ValueError (HTTPStatus(499)) before
+    assert HangingOpenAI.cancelled  # the engine work was abandoned
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    metrics = app.state.metrics.registry.get_sample_value(
+        "stepzip_requests_total", {"route": "/v1/completions", "status": "499"})
+    assert metrics == 1

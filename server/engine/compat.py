@@ -52,7 +52,8 @@ def interface_problems(cls: type, expected: dict[str, tuple[str, ...]]) -> list[
 
 
 def field_problems(cls: type, fields: tuple[str, ...]) -> list[str]:
-    names = set(getattr(cls, "__dataclass_fields__", {})) or set(vars(cls))
+    names = (set(getattr(cls, "__dataclass_fields__", {}))
+             or set(getattr(cls, "__struct_fields__", ())) or set(vars(cls)))  # msgspec
     return [f"{cls.__name__}.{f} is missing" for f in fields if f not in names]
 
 
@@ -87,3 +88,52 @@ def check_processor_interface(use_v2: bool, version: str | None = None) -> None:
             f"install differs: {'; '.join(problems)}. Install a supported vLLM "
             f"(pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'), or serve without entropies "
             f"(--no-entropy).")
+
+
+# What prefill scoring (server/engine/prefill.py) uses of the legacy runner, by parameter
+# names; the runner's instance attributes are checked in the worker when it is installed.
+PREFILL_INTERFACE = {
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner": {
+        "_get_prompt_logprobs_dict": ("hidden_states", "num_scheduled_tokens"),
+        "_sync_device": (),
+    },
+    "vllm.v1.sample.sampler:Sampler": {
+        "compute_logprobs": ("logits",),
+        "gather_logprobs": ("logprobs", "num_logprobs", "token_ids"),
+    },
+    "vllm.v1.outputs:LogprobsTensors": {
+        "empty_cpu": ("num_positions", "num_tokens_per_position"),
+    },
+}
+PREFILL_FIELDS = {
+    "vllm.v1.worker.gpu_input_batch:CachedRequestState": (
+        "prompt_token_ids", "sampling_params", "num_computed_tokens",
+        "in_progress_prompt_logprobs_cpu"),
+    "vllm.sampling_params:SamplingParams": (
+        "prompt_logprobs", "skip_reading_prefix_cache", "extra_args", "detokenize"),
+}
+
+
+def _load(path: str) -> type:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def prefill_problems(use_v2: bool, version: str | None = None) -> list[str]:
+    """Why this vLLM cannot score by prefill (empty: it can). Model Runner V2 computes
+    prompt logprobs elsewhere, with no method to stand in for."""
+    import vllm
+
+    version = version or vllm.__version__
+    if use_v2:
+        return ["Model Runner V2 is in use (prefill scoring is written for the legacy runner)"]
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_VLLM:
+        return [f"vLLM {version} is not a tested line"]
+    problems = []
+    for path, methods in PREFILL_INTERFACE.items():
+        problems += interface_problems(_load(path), methods)
+    for path, fields in PREFILL_FIELDS.items():
+        problems += field_problems(_load(path), fields)
+    return problems

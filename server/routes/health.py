@@ -28,6 +28,8 @@ async def health(request: Request):
             "unfinished_requests": engine.unfinished_requests(),
             "admitted_requests": engine.admitted,
             "weight_version": engine.weights.label,
+            # /v1/score: "prefill" (one pass) or "forcing" (why in scoring_reason)
+            "scoring": engine.scoring, "scoring_reason": engine.scoring_reason,
             # clients size their batches by these (StepzipClient splits beyond them)
             "max_problems": state.settings.max_problems, "max_n": state.settings.max_n}
 

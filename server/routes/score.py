@@ -1,5 +1,6 @@
-"""POST /v1/score: existing (problem, reasoning) pairs scored by teacher forcing; the
-response is /v1/compress's."""
+"""POST /v1/score: existing (problem, reasoning) pairs scored teacher-forced (one prefill
+pass, or forced decoding where the runner cannot prefill-score); the response is
+/v1/compress's."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ router = APIRouter(tags=["score"], route_class=NamedUtf8ErrorRoute)
 async def score(req: ScoreRequest, request: Request) -> ScoreResponse:
     """Entropies, steps, variants and (optionally) answers for reasoning that already
     exists, as /v1/compress returns them for reasoning it generates. Each reasoning is
-    teacher-forced after the prompt /v1/compress would render for its problem."""
+    teacher-forced after the prompt /v1/compress would render for its problem: one
+    prefill pass over prompt + reasoning where the server can (`/health` says
+    `"scoring": "prefill"`), else one forced decode step per token."""
     ready_engine(request)
     scorer = request.app.state.scorer
     if scorer is None:  # the engine is up but the services are still being built

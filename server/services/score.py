@@ -1,9 +1,10 @@
 """The /v1/score service: existing reasoning through the /v1/compress pipeline.
 
 Each pair's reasoning (its token ids, or its text encoded by the model's tokenizer) is
-teacher-forced (server/engine/forcing.py) after the prompt /v1/compress renders for its
-problem; `Compressor.run` does the rest, so entropies, steps, variants and answers come
-from one code path.
+scored after the prompt /v1/compress renders for its problem by `Engine.score`: one
+prefill pass (server/engine/prefill.py), or teacher forcing (server/engine/forcing.py)
+where the runner cannot prefill-score. `Compressor.run` does the rest, so entropies,
+steps, variants and answers come from one code path.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class Scorer:
         if len(req.pairs) > settings.max_problems:
             raise invalid("pairs", f"at most {settings.max_problems} pairs per request, "
                                    f"got {len(req.pairs)}")
+        if req.step_score == "sampled" and self.engine.scoring != "prefill":
+            # Forcing sets the given token's logit to 1e30 before vLLM takes logprobs,
+            # so every logprob would read 0 (every step score 0).
+            raise invalid("step_score", "'sampled' needs each given token's logprob, which "
+                          "this server cannot compute: it scores by teacher forcing "
+                          f"({self.engine.scoring_reason}); use 'sum' or 'mean'")
         prompts, prompt_ids = self.compressor.render(compress_req)
         # Answering feeds prompt + (compressed) reasoning + the answer cue back in.
         answer = (len(self.compressor.encode(self.compressor.style.answer_prompt("", "")))

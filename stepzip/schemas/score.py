@@ -2,8 +2,11 @@
 
 The reasoning is teacher-forced through the model: each of its tokens gets the entropy
 of the model's full next-token distribution at that position (nats, temperature 1, as
-in /v1/compress), then the steps, variants and optional answers are built exactly as
-/v1/compress builds them for a generated trace. Text that is not valid UTF-8 (lone
+in /v1/compress), computed by one prefill pass over prompt + reasoning (or, where the
+server's model runner cannot, one forced decode step per token: /health `scoring`);
+then the steps, variants and optional answers are built exactly as /v1/compress builds
+them for a generated trace. `step_score: "sampled"` uses each given token's logprob
+under the model's own distribution; a forcing server refuses it (422, `step_score`). Text that is not valid UTF-8 (lone
 surrogates) fails pydantic's own string validation, naming the field.
 """
 

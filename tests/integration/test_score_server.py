@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from clients.client import StepzipError
+from clients.launcher import ServerProcess
 from stepzip.data import load_problems
-from tests.integration.conftest import MAX_MODEL_LEN
+from tests.integration.conftest import MAX_MODEL_LEN, reference_entropies
 
 pytestmark = pytest.mark.engine
 
@@ -59,6 +66,81 @@ def test_score_of_a_compress_trace_gives_the_same_entropies_and_steps(generated,
             assert (a.strategy, a.ratio, a.skipped_steps, a.compressed_text) == \
                    (b.strategy, b.ratio, b.skipped_steps, b.compressed_text)
     print(f"score vs compress: worst |diff| {worst:.2e} nats")
+
+
+def test_the_server_scores_by_prefill(server):
+    health = httpx.get(f"{server.url}/health", timeout=30).json()
+    assert (health["scoring"], health["scoring_reason"]) == ("prefill", None)
+
+
+@pytest.fixture(scope="module")
+def sampled_traces(client):
+    """n = 2 sampled traces per problem (temperature 0.8), chat-template prompts."""
+    problems = load_problems("gsm8k", "test", offset=30, limit=2)
+    return problems, client.compress([p.question for p in problems], variants=VARIANTS, n=2,
+                                     max_tokens=64, temperature=0.8, seed=5, answer=False,
+                                     return_tokens=True)
+
+
+def _same_steps_and_variants(got, gen) -> None:
+    assert [(s.text, s.token_start, s.token_end) for s in got.steps] == \
+           [(s.text, s.token_start, s.token_end) for s in gen.steps]
+    for a, b in zip(got.variants, gen.variants, strict=True):
+        assert (a.strategy, a.ratio, a.skipped_steps, a.compressed_text) == \
+               (b.strategy, b.ratio, b.skipped_steps, b.compressed_text)
+
+
+def test_prefill_entropies_of_n2_and_greedy_traces_match_generation_and_transformers(
+        client, generated, sampled_traces, reference_model):
+    """Prefill-scored entropies against the engine's own while sampling (what teacher
+    forcing reproduces: the entropy processor on decode steps) and a float64
+    transformers pass: within 1e-4 nats on >= 200 tokens of greedy and n = 2 sampled
+    traces after chat-template prompts; steps and variants identical."""
+    model, tokenizer = reference_model
+    traces = [(q.question, problem, trace)
+              for problems, out in (generated, sampled_traces)
+              for q, problem in zip(problems, out.results) for trace in problem.traces]
+    scored = client.score([q for q, _, _ in traces], [t.tokens.ids for _, _, t in traces],
+                          variants=VARIANTS, return_tokens=True)
+    worst_gen = worst_ref = 0.0
+    checked = 0
+    for (_, problem, gen), got_problem in zip(traces, scored.results, strict=True):
+        assert got_problem.prompt == problem.prompt
+        assert "<|im_start|>assistant" in problem.prompt  # the model's chat template
+        got = got_problem.traces[0]
+        assert got.tokens.ids == gen.tokens.ids
+        prompt_ids = tokenizer.encode(problem.prompt, add_special_tokens=False)
+        reference = reference_entropies(model, prompt_ids, gen.tokens.ids)
+        for value, sampled, ref in zip(got.tokens.entropies, gen.tokens.entropies, reference,
+                                       strict=True):
+            worst_gen = max(worst_gen, abs(value - sampled))
+            worst_ref = max(worst_ref, abs(value - ref))
+        checked += len(gen.tokens.ids)
+        _same_steps_and_variants(got, gen)
+    print(f"prefill vs generation: worst {worst_gen:.2e}; vs transformers: worst "
+          f"{worst_ref:.2e} nats ({checked} tokens)")
+    assert checked >= 200 and worst_gen <= SAME and worst_ref <= SAME
+
+
+def test_sampled_step_scores_match_compress(client):
+    """step_score "sampled" from /v1/score: each given token's logprob under the model's
+    own distribution (never the forced 0), as /v1/compress reports for its trace."""
+    problems = load_problems("gsm8k", "test", offset=40, limit=2)
+    questions = [p.question for p in problems]
+    out = client.compress(questions, variants=VARIANTS, max_tokens=48, temperature=0.0,
+                          answer=False, return_tokens=True, step_score="sampled")
+    scored = client.score(questions, [r.traces[0].tokens.ids for r in out.results],
+                          variants=VARIANTS, return_tokens=True, step_score="sampled")
+    for gen_problem, got_problem in zip(out.results, scored.results, strict=True):
+        gen, got = gen_problem.traces[0], got_problem.traces[0]
+        diffs = [abs(a - b) for a, b in zip(got.tokens.logprobs, gen.tokens.logprobs,
+                                            strict=True)]
+        assert max(diffs) <= SAME, f"max |diff| {max(diffs):.2e}"
+        assert min(got.tokens.logprobs) < -0.01  # not the forced logit's 0
+        for a, b in zip(got.steps, gen.steps, strict=True):
+            assert a.score == pytest.approx(b.score, abs=SAME)
+        assert any(step.score > 0 for step in got.steps)
+        _same_steps_and_variants(got, gen)
 
 
 def test_text_scores_its_own_tokenization_with_the_same_entropies_up_to_where_it_differs(
@@ -180,3 +262,112 @@ def test_build_sft_takes_existing_traces_from_jsonl_through_score(server, genera
         kept = [line for line in row["completion"].split("\n</think>")[0].split("\n")
                 if line.strip() and line.strip() != "[SKIP]"]
         assert all(line in trace.reasoning for line in kept)
+
+
+
+SCORE_TRACES = 16
+
+
+def _score_command(url: str, traces: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "clients.cli", "score", "--input", str(traces), "--output",
+            str(out), "--url", url, "--batch-size", "1", "--concurrency", "1", "--no-progress"]
+
+
+def _scored_ids(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]  # polled mid-write: a partial line is no result
+    return [json.loads(line)["id"] for line in complete.splitlines() if line.strip()]
+
+
+def test_bulk_score_cli_killed_and_rerun_scores_each_trace_once(server, client, generated,
+                                                                tmp_path):
+    """`stepzip score` SIGKILLed once its first trace is written, then rerun: every trace
+    once in scored.jsonl and sft.jsonl, with the entropies /v1/score gives."""
+    problems, out = generated
+    traces = tmp_path / "traces.jsonl"
+    rows = [{"id": f"t{i}", "problem": problems[i % 3].question,
+             "answer": problems[i % 3].answer,
+             **({"reasoning_ids": out.results[i % 3].traces[0].tokens.ids} if i % 2 else
+                {"reasoning": out.results[i % 3].traces[0].completion})}
+            for i in range(SCORE_TRACES)]
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = tmp_path / "out" / "scored.jsonl"
+    command = _score_command(server.url, traces, tmp_path / "out")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _scored_ids(scored) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    after_kill = _scored_ids(scored)
+    assert 0 < len(after_kill) < SCORE_TRACES, "the kill must land mid-run"
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(_scored_ids(scored)) == sorted(r["id"] for r in rows)
+    sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").open()]
+    assert sorted(r["problem_id"] for r in sft) == sorted(r["id"] for r in rows)
+    by_id = {json.loads(line)["id"]: json.loads(line) for line in scored.open()}
+    direct = client.score([problems[1].question], [out.results[1].traces[0].tokens.ids],
+                          return_tokens=True).results[0].traces[0]
+    row = by_id["t1"]["trace"]
+    assert row["tokens"]["ids"] == direct.tokens.ids
+    assert max(abs(a - b) for a, b in zip(row["tokens"]["entropies"],
+                                          direct.tokens.entropies)) <= SAME
+
+
+# Last in the file: it starts a second engine beside the shared one, the moment this busy
+# machine is shortest of memory; earlier tests then have their results.
+LONG_TRACE = 8000  # tokens; the tiny model takes 8,192 positions
+PEAK_GROWTH_LIMIT = 2**30  # bytes of worker peak RSS growth allowed for one long trace
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    """The overhead-bound tiny model (clients/bench.py `--model tiny`) at its full length."""
+    from clients.bench import TINY, model_folder
+
+    argv = ["serve", "--model", model_folder(TINY), "--dtype", "float32",
+            "--max-model-len", "8192", "--max-num-seqs", "4", "--kv-cache-gib", "1"]
+    with ServerProcess(argv, timeout=600) as proc:
+        yield proc
+
+
+def _worker(server_pid: int):
+    import psutil
+
+    workers = [p for p in psutil.Process(server_pid).children(recursive=True)
+               if "Worker" in p.name()]
+    assert len(workers) == 1, [p.name() for p in workers]
+    return workers[0]
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_an_8000_token_trace_is_scored_in_bounded_worker_memory(tiny_server):
+    """One prefill of 8,000 reasoning tokens on a 49,152-token vocabulary: all its logits
+    at once would be 1.5 GiB of float32 (twice that with the log-softmax vLLM's own
+    prompt logprobs take); chunked (CHUNK_BYTES) the worker's peak grows by far less."""
+    worker = _worker(tiny_server.proc.pid)
+    ids = [(7 * i) % 40_000 + 100 for i in range(LONG_TRACE)]
+    with open(f"/proc/{worker.pid}/clear_refs", "w") as refs:
+        refs.write("5")  # the peak (VmHWM) restarts from the current RSS
+    before = _status_kib(worker.pid, "VmRSS")
+    r = httpx.post(f"{tiny_server.url}/v1/score", timeout=600, json={
+        "pairs": [{"problem": "1+1?", "reasoning_ids": ids}], "step_score": "sampled",
+        "return_tokens": True})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["results"][0]["traces"][0]["tokens"]
+    assert len(tokens["entropies"]) == len(tokens["logprobs"]) == LONG_TRACE
+    assert all(0 <= h <= math.log(49_152) + 1e-3 for h in tokens["entropies"])
+    growth = (_status_kib(worker.pid, "VmHWM") - before) * 1024
+    print(f"worker peak RSS growth scoring {LONG_TRACE} tokens: {growth / 2**20:.0f} MiB")
+    assert growth < PEAK_GROWTH_LIMIT

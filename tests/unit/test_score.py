@@ -129,3 +129,84 @@ def test_load_traces_reads_problem_reasoning_answer_and_id(tmp_path):
     path.write_text('{"problem": "1+1?"}\n')
     with pytest.raises(ValueError, match="reasoning"):
         load_traces(path)
+
+
+def test_sampled_step_scores_are_refused_where_the_server_teacher_forces():
+    """Forcing raises the given token's logit to 1e30 before vLLM takes logprobs: every
+    'sampled' score would be 0. Such a server refuses it, naming the field, before any
+    engine work."""
+    from types import SimpleNamespace
+
+    from server.errors import ApiError
+    from server.services.score import Scorer
+
+    req = ScoreRequest(pairs=[Pair(problem="p", reasoning_ids=[5, 6])], step_score="sampled")
+    engine = SimpleNamespace(settings=SimpleNamespace(max_problems=8), max_model_len=64,
+                             scoring="forcing", scoring_reason="Model Runner V2 is in use")
+    with pytest.raises(ApiError) as err:
+        Scorer(SimpleNamespace(engine=engine)).prepare(req, req.to_compress())
+    assert err.value.status == 422 and err.value.details[0]["field"] == "step_score"
+    assert "Model Runner V2" in err.value.details[0]["reason"]
+
+
+# ---- `stepzip score`: bulk scoring, resumable ------------------------------------------
+
+
+class FakeScoreClient:
+    """Answers /v1/score requests like a server (one trace per pair, 3 tokens each);
+    raises KeyboardInterrupt (a kill) on request number `die_at`."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.requests, self.scored = die_at, 0, []
+
+    def score_request(self, request):
+        from types import SimpleNamespace
+
+        self.requests += 1
+        if self.requests == self.die_at:
+            raise KeyboardInterrupt
+        self.scored += [p.id for p in request.pairs]
+        results = [{"id": p.id, "prompt": f"Q: {p.problem}\n", "gold": p.answer, "traces": [{
+            "sample": 0, "correct": None, "tokens": {"ids": [1, 2, 3]},
+            "variants": [{"compressed_text": f"{p.id} kept\n[SKIP]", "n_steps": 2,
+                          "n_skipped": 1, "tokens_before": 6, "tokens_after": 3,
+                          "reduction": 0.5, "ratio": 0.8, "strategy": "low",
+                          "correct": None, "extracted_answer": None,
+                          "answer_text": None, "answer_finish_reason": None}]}]}
+            for p in request.pairs]
+        body = {"delimiter": "\n", "results": results,
+                "usage": {"completion_tokens": 3 * len(request.pairs)}}
+        return SimpleNamespace(model_dump=lambda mode: body)
+
+
+def test_bulk_score_killed_mid_run_and_rerun_scores_every_trace_once(tmp_path):
+    import json
+
+    from clients.score import ScoreConfig, run_score
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(
+        json.dumps({"problem": f"{i}+{i}?", "answer": str(2 * i),
+                    **({"reasoning": f"{i} and {i}"} if i % 2 else
+                       {"reasoning_ids": [5, i + 1]})}) + "\n" for i in range(10)))
+    cfg = ScoreConfig(input=str(traces), output=str(tmp_path / "out"), batch_size=2,
+                      concurrency=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_score(cfg, FakeScoreClient(die_at=3), log=lambda _m: None)
+    scored = tmp_path / "out" / "scored.jsonl"
+    assert len(scored.read_text().splitlines()) == 4  # two batches written before the kill
+    with scored.open("a") as f:
+        f.write('{"id": "traces-9", "tr')  # a kill in the middle of a write
+    client = FakeScoreClient()
+    summary = run_score(cfg, client, log=lambda _m: None)
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    ids = [f"traces-{i}" for i in range(1, 11)]
+    assert sorted(r["id"] for r in rows) == sorted(ids)  # each exactly once
+    assert sorted(client.scored) == sorted(ids[4:])  # the rerun asked only for the rest
+    assert summary["scored_now"] == 6 and summary["tokens_now"] == 18
+    sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    assert sorted(r["problem_id"] for r in sft) == sorted(ids)
+    assert sft[0]["completion"].endswith(f"The answer is {sft[0]['gold']}.")
+    with pytest.raises(SystemExit, match="ratio"):
+        run_score(ScoreConfig(**{**cfg.__dict__, "ratio": 0.5}), FakeScoreClient(),
+                  log=lambda _m: None)

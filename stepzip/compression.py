@@ -20,6 +20,10 @@ Ties in entropy break towards the lower index, so every strategy is deterministi
 kappa is read as the decimal it prints as (0.29 of 100 steps is 29, not 28), so binary
 rounding never costs a step.
 
+``PruneSpec.paper_code`` (the ``paper-code`` preset, ``stepzip.papercode``) counts
+``int(N * kappa)`` as the authors' scripts do and renders their way: every piece
+stripped, a pruned step the bare marker, no separator.
+
 Rendering: steps are written in order; a kept step as its exact text, a pruned step as
 the marker followed by the delimiter run that ended it (so ``[SKIP]\\n\\n`` per pruned
 step, the layout kept and the content dropped). A step that had no such run (the last
@@ -38,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from stepzip import papercode
 from stepzip.constants import MARKER
 from stepzip.steps import DEFAULT_DELIMITER, Step, delimiter_run_pattern
 
@@ -56,6 +61,7 @@ class PruneSpec:
     mass: float | None = None  # adaptive: share in [0, 1] of the total score to remove
     marker: str = DEFAULT_MARKER
     merge_runs: bool = False  # one marker per run of consecutive pruned steps
+    paper_code: bool = False  # the authors' count and join (stepzip.papercode)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ def validate_spec(spec: PruneSpec) -> None:
         raise ValueError("marker must be a non-empty string")
     if spec.ratio is not None and not _is_unit_fraction(spec.ratio):
         raise ValueError(f"ratio {spec.ratio} must be in [0, 1]")
+    if spec.paper_code and spec.merge_runs:
+        raise ValueError("merge_runs does not apply to paper-code (skips are joined bare)")
     if spec.strategy == "adaptive":
         _validate_adaptive(spec)
     elif spec.ratio is None:
@@ -108,8 +116,11 @@ def _validate_adaptive(spec: PruneSpec) -> None:
         raise ValueError(f"mass {spec.mass} must be in [0, 1]")
 
 
-def _prune_count(ratio: float, n_steps: int) -> int:
-    """floor(kappa * n), with kappa taken as the decimal it prints as."""
+def _prune_count(ratio: float, n_steps: int, paper_code: bool = False) -> int:
+    """floor(kappa * n), with kappa taken as the decimal it prints as (paper-code: the
+    float product truncated)."""
+    if paper_code:
+        return papercode.prune_count(n_steps, ratio)
     return math.floor(Fraction(str(ratio)) * n_steps)
 
 
@@ -145,11 +156,13 @@ def select_steps(steps: Sequence[Step], spec: PruneSpec) -> tuple[int, ...]:
         return ()
     if spec.strategy == "adaptive":
         return tuple(sorted(_adaptive_selection(steps, spec)))
-    count = _prune_count(spec.ratio, len(steps))
+    count = _prune_count(spec.ratio, len(steps), spec.paper_code)
     if spec.strategy == "random":
         chosen = random.Random(spec.seed).sample(range(len(steps)), count)
     elif spec.strategy == "high":
         chosen = _descending(steps)[:count]
+    elif spec.paper_code:
+        chosen = papercode.lowest([step_score(step) for step in steps], count)
     else:
         chosen = _ascending(steps)[:count]
     return tuple(sorted(chosen))
@@ -172,6 +185,8 @@ def _render_steps(
     steps: Sequence[Step], pruned: set[int], spec: PruneSpec, delimiter: str
 ) -> tuple[str, int]:
     """Compressed reasoning text and the number of markers written."""
+    if spec.paper_code:
+        return papercode.join([s.text for s in steps], pruned, spec.marker), len(pruned)
     run_pattern = delimiter_run_pattern(delimiter)
     parts = []
     markers = 0

@@ -132,3 +132,56 @@ def test_sampled_step_score_is_the_mean_of_minus_p_log_p(client):
     if pruned and kept:
         assert max(trace.steps[i].score for i in pruned) <= min(trace.steps[i].score
                                                                 for i in kept)
+
+
+def test_paper_code_eval_runs_and_records_its_rules(server, tmp_path):
+    from stepzip import papercode
+
+    out = tmp_path / "paper-code"
+    command = [sys.executable, "-m", "clients.cli", "eval", "--url", server.url,
+               "--dataset", "svamp", "--limit", "2", "--ratios", "0,0.8",
+               "--strategies", "low,high", "--max-tokens", "48", "--answer-max-tokens", "16",
+               "--concurrency", "1", "--bootstrap", "100", "--no-progress",
+               "--output", str(out), "--preset", "paper-code"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rules"] == json.loads(json.dumps(papercode.rules()))
+    settings = summary["settings"]
+    assert (settings["preset"], settings["temperature"], settings["step_score"]) == (
+        "paper-code", 0.6, "sampled")
+    assert papercode.NO_THINK_NOTE in summary["notes"]  # the default model is not thinking
+    assert papercode.LOGPROBS_NOTE in summary["notes"]  # the shared server: processed
+    assert summary["n_problems"] == 2
+
+
+def test_paper_code_compress_follows_the_scripts(client):
+    out = client.compress(["Tom has 3 apples and buys 4 more. Then he eats 2. How many?"],
+                          variants=[{"strategy": "low", "ratio": 0.8}], max_tokens=64,
+                          answer=False, return_tokens=True, preset="paper-code")
+    assert out.notes and out.delimiter == "\n\n"
+    trace = out.results[0].traces[0]
+    pieces, logprobs = trace.tokens.pieces, trace.tokens.logprobs
+    n_reasoning = len(trace.reasoning)
+    expected, text, scores, used = {}, "", [], 0
+    for piece, logprob in zip(pieces, logprobs, strict=True):  # the scripts' loop
+        used += len(piece)
+        if used > n_reasoning:
+            break
+        text += piece
+        if piece == "\n\n":
+            expected[text.strip()] = sum(scores) / len(scores) if scores else 0.0
+            text, scores = "", []
+        else:
+            scores.append(-math.exp(logprob) * logprob)
+    if text:
+        expected[text.strip()] = sum(scores) / len(scores)
+    keys = [step.text.strip() for step in trace.steps]
+    assert keys == list(expected)
+    assert [step.score for step in trace.steps] == pytest.approx(list(expected.values()),
+                                                                 abs=1e-12)
+    variant = trace.variants[0]
+    pruned = set(variant.skipped_steps)
+    assert variant.n_skipped == int(len(keys) * 0.8)
+    assert variant.compressed_text == "".join("[SKIP]" if i in pruned else key
+                                              for i, key in enumerate(keys))

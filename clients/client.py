@@ -224,8 +224,8 @@ class StepzipClient:
                          concurrency: int | None = None) -> schemas.CompressResponse:
         """One request, or, beyond `max_problems`, chunks of it sent concurrently (to
         every replica) and merged in order. `progress(problems_done, total)` is called
-        after each chunk. Merged timings are summed over chunks, except `total_s`, the
-        wall time of the whole call."""
+        after each chunk. Merged timings are the server's, summed over chunks (they run
+        concurrently, so the sum exceeds the call's wall time, which the caller measures)."""
         problems = request.problems
         size = self.problems_per_request()
         chunks = [problems[i:i + size] for i in range(0, len(problems), size)]
@@ -234,7 +234,6 @@ class StepzipClient:
             if progress:
                 progress(len(problems), len(problems))
             return out
-        started = time.perf_counter()
         done = [0]
         done_lock = threading.Lock()
 
@@ -249,7 +248,7 @@ class StepzipClient:
         workers = concurrency or 2 * len(self.replicas)
         with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
             parts = list(pool.map(one, chunks))
-        return merge_responses(parts, wall_s=time.perf_counter() - started)
+        return merge_responses(parts)
 
     def problems_per_request(self) -> int:
         """min(max_problems, the servers' --max-problems over replicas that answer)."""
@@ -301,11 +300,10 @@ class StepzipClient:
 
         if len(chunks) == 1:
             return one(chunks[0])
-        started = time.perf_counter()
         workers = concurrency or 2 * len(self.replicas)
         with ThreadPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
             parts = list(pool.map(one, chunks))
-        merged = merge_responses(parts, wall_s=time.perf_counter() - started)
+        merged = merge_responses(parts)
         return score_schemas.ScoreResponse(**dict(merged))
 
     def score(self, problems: Sequence[str], reasonings: Sequence[str | list[int]], *,
@@ -365,14 +363,14 @@ class StepzipClient:
         self.close()
 
 
-def merge_responses(parts: Sequence[schemas.CompressResponse],
-                    wall_s: float) -> schemas.CompressResponse:
-    """Chunk responses -> one, results in chunk order; usage and timings summed."""
+def merge_responses(parts: Sequence[schemas.CompressResponse]) -> schemas.CompressResponse:
+    """Chunk responses -> one, results in chunk order; usage and timings summed (timings
+    then add up time the requests spent side by side: summed request time, not wall)."""
     usage = schemas.Usage(**{k: sum(getattr(p.usage, k) for p in parts)
                              for k in schemas.Usage.model_fields})
     timings = schemas.Timings(**{k: sum(getattr(p.timings, k) for p in parts)
                                  for k in schemas.Timings.model_fields})
-    timings.total_s = wall_s
     return schemas.CompressResponse(model=parts[0].model, delimiter=parts[0].delimiter,
                                     results=[r for p in parts for r in p.results],
-                                    usage=usage, timings=timings)
+                                    usage=usage, timings=timings,
+                                    notes=list(dict.fromkeys(n for p in parts for n in p.notes)))

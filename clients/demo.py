@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -28,6 +29,7 @@ def run_demo(*, model: str = "default", n_problems: int = 3, max_tokens: int = 1
                           f"(log: {server.log_path})")
         client = stack.enter_context(StepzipClient(url, max_problems=1))
         with progress_bar("compressing GSM8K problems", len(problems), console) as bar:
+            started = time.perf_counter()
             out = client.compress(
                 [p.question for p in problems], answers=[p.answer for p in problems],
                 ids=[p.id for p in problems],
@@ -35,7 +37,8 @@ def run_demo(*, model: str = "default", n_problems: int = 3, max_tokens: int = 1
                           {"strategy": "high", "ratio": 0.8}],
                 max_tokens=max_tokens, temperature=0.0, progress=bar,
                 concurrency=len(problems))  # one request each, all in flight: a live bar
-        print_compress_table(out, console)
+            wall_s = time.perf_counter() - started
+        print_compress_table(out, console, wall_s=wall_s)
         first = out.results[0].traces[0]
         if first.variants:
             console.rule(f"{out.results[0].id}: low-entropy 0.5 compressed reasoning")

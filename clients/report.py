@@ -60,7 +60,10 @@ def progress_bar(label: str, total: int,
         yield update
 
 
-def print_compress_table(out: schemas.CompressResponse, console: Console | None = None) -> None:
+def print_compress_table(out: schemas.CompressResponse, console: Console | None = None, *,
+                         wall_s: float | None = None) -> None:
+    """The table, a token line and a time line (`timing_line`; `wall_s`: the caller's
+    wall time around the whole call)."""
     console = console or Console()
     if not console.is_terminal:  # logs and pipes: no terminal width to fit, keep rows whole
         console = Console(width=140, file=console.file)
@@ -84,11 +87,20 @@ def print_compress_table(out: schemas.CompressResponse, console: Console | None 
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    u, tm = out.usage, out.timings
+    u = out.usage
     console.print(f"tokens: prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
-                  f"answers {u.answer_tokens}; time: generate {tm.generate_s:.2f} s, "
-                  f"entropy fetch {tm.entropy_fetch_s * 1000:.1f} ms, answers "
-                  f"{tm.answer_s:.2f} s, total {tm.total_s:.2f} s")
+                  f"answers {u.answer_tokens}")
+    console.print(timing_line(out.timings, wall_s), markup=False)
+
+
+def timing_line(tm: schemas.Timings, wall_s: float | None) -> str:
+    """Wall time, then the server's request time summed over requests (requests run side
+    by side, so the sum may exceed the wall time) with its parts: generating (the
+    entropy fetch is part of it) and answering."""
+    wall = "" if wall_s is None else f"wall {wall_s:.2f} s; "
+    return (f"time: {wall}request time summed over requests {tm.total_s:.2f} s (generate "
+            f"{tm.generate_s:.2f} s, of which entropy fetch {tm.entropy_fetch_s * 1000:.1f} "
+            f"ms; answers {tm.answer_s:.2f} s)")
 
 
 def _text(value: str | None) -> str:

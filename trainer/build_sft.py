@@ -17,6 +17,12 @@ Output, all beside ``--output``:
 * ``<output stem>.dropped.jsonl``: one line per problem processed but not kept, with
   the reason, so a rerun does not ask again.
 * ``<output stem>.summary.json``: counts and mean token reduction (replaced atomically).
+* ``<output stem>.dataset/``: every kept pair as a Hugging Face dataset (``save_to_disk``;
+  rewritten whole at the end of each run) in TRL's conversational prompt-completion
+  format: ``prompt`` the system and user messages, ``completion`` the assistant message,
+  plus ``id``, ``gold``, ``reduction``, ``delimiter``, ``marker`` and ``think_close``.
+  ``SFTTrainer`` (and ``stepzip train sft --data``) take it as it is; TRL then renders
+  it with the model's chat template, where the JSONL keeps the server's rendered prompt.
 
 Resumable and never lossy: each finished batch is appended with a single write and
 fsync'd; a torn last line (a crash mid-write) is cut off on the next start; the ids in
@@ -118,6 +124,43 @@ def pairs_from_result(result: dict[str, Any], cfg: BuildSftConfig, delimiter: st
             "thinking": thinking,
         })
     return rows, (None if rows else ",".join(sorted(set(reasons))) or "empty")
+
+
+def conversation(row: dict, cfg: BuildSftConfig) -> dict:
+    """A pair in TRL's conversational prompt-completion format: the messages the server
+    rendered its prompt from, and the completion as the assistant's message (a thinking
+    model's with the opening tag its prompt ended with)."""
+    from stepzip.prompts import DEFAULT_TEMPLATE
+    from stepzip.schemas.compress import CompressionOptions
+
+    # The template the request carried once validated (a preset may supply one).
+    template = CompressionOptions(prompt_template=cfg.prompt_template,
+                                  preset=_preset(cfg)).prompt_template
+    user = (template or DEFAULT_TEMPLATE).format(problem=row["question"])
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    opener = f"{THINK_OPEN}\n" if row["thinking"] else ""
+    return {
+        "prompt": [*system, {"role": "user", "content": user}],
+        "completion": [{"role": "assistant", "content": opener + row["completion"]}],
+        **{k: row[k] for k in DATASET_COLUMNS},
+    }
+
+
+# Provenance kept beside the messages; `stepzip train sft` reads its settings from them.
+DATASET_COLUMNS = ("id", "gold", "reduction", "delimiter", "marker", "think_close")
+
+
+def write_dataset(rows: Sequence[dict], folder: Path, cfg: BuildSftConfig) -> None:
+    """All kept pairs as a `datasets` folder, replaced whole (save_to_disk, then rename)."""
+    import shutil
+
+    from datasets import Dataset
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    Dataset.from_list([conversation(r, cfg) for r in rows]).save_to_disk(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def within_length(rows: Sequence[dict], count_tokens: Callable[[str], int],
@@ -245,7 +288,13 @@ def compress_request(problems: Sequence[Any], cfg: BuildSftConfig) -> Any:
         variants=[schemas.VariantSpec(strategy=cfg.strategy, ratio=cfg.ratio)],
         answer=True, answer_max_tokens=cfg.answer_max_tokens,
         delimiter=unescape(cfg.delimiter), marker=cfg.marker,
-        prompt_template=cfg.prompt_template, system=cfg.system)
+        prompt_template=cfg.prompt_template, system=cfg.system, preset=_preset(cfg))
+
+
+def _preset(cfg: BuildSftConfig) -> str:
+    from stepzip import papercode
+
+    return papercode.PRESET if cfg.paper_code else "default"
 
 
 def score_request(problems: Sequence[Any], reasoning_by_id: dict[str, str],
@@ -259,7 +308,7 @@ def score_request(problems: Sequence[Any], reasoning_by_id: dict[str, str],
         variants=[compress.VariantSpec(strategy=cfg.strategy, ratio=cfg.ratio)],
         answer=True, answer_max_tokens=cfg.answer_max_tokens,
         delimiter=unescape(cfg.delimiter), marker=cfg.marker,
-        prompt_template=cfg.prompt_template, system=cfg.system)
+        prompt_template=cfg.prompt_template, system=cfg.system, preset=_preset(cfg))
 
 
 def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any] | None = None,
@@ -284,7 +333,8 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
         problems = [t.problem for t in traces]
         reasoning_by_id = {t.problem.id: t.reasoning for t in traces}
     if problems is None:
-        problems = load_problems(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset)
+        problems = load_problems(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset,
+                                 **cfg.fields())
     by_id = {p.id: p for p in problems}
     if len(by_id) != len(problems):
         raise ValueError("problem ids are not unique")
@@ -375,6 +425,8 @@ def build_sft(cfg: BuildSftConfig, *, client: Any = None, problems: Sequence[Any
         stats.tokens_after_kept = sum(r["tokens_after"] for r in kept_rows)
     if run_reductions:
         stats.mean_reduction_run = _mean(run_reductions)
+    if kept_rows:
+        write_dataset(kept_rows, sidecar(output, "dataset"), cfg)
     stats.seconds = time.perf_counter() - started
     write_json_atomic(sidecar(output, "summary.json"),
                       {"config": asdict(cfg), "stats": asdict(stats)})

@@ -6,7 +6,8 @@
     stepzip train grpo --model M --url U --output-dir R       GRPO, weights pushed each step
     stepzip train pipeline --preset cpu-demo --output-dir RUN all three, servers started here
 
-`--preset tiny|cpu-demo` on any stage selects a preset (explicit flags still win);
+`--preset tiny|cpu-demo|paper-code` on any stage selects a preset (explicit flags still
+win; paper-code: the authors' released scripts' settings, stepzip/papercode.py);
 `--tiny` is short for `--preset tiny`.
 """
 
@@ -17,7 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+from stepzip.data import ANSWER_FIELD_HELP, DATASET_HELP, QUESTION_FIELD_HELP
 from trainer.config import (
+    REPORT_TO,
     BuildSftConfig,
     GrpoRunConfig,
     SftRunConfig,
@@ -55,7 +58,9 @@ def add_parser(sub) -> None:
     pipe.add_argument("--model", default="default", help="base model (default: embedded)")
     add_preset_flags(pipe)
     pipe.add_argument("--dataset", default=None,
-                      help="gsm8k, math500, svamp or a .jsonl (default: the preset's, else gsm8k)")
+                      help=f"{DATASET_HELP} (default: the preset's, else gsm8k)")
+    pipe.add_argument("--question-field", default=None, help=QUESTION_FIELD_HELP)
+    pipe.add_argument("--answer-field", default=None, help=ANSWER_FIELD_HELP)
     pipe.add_argument("--limit", type=int, default=None, help="problems per stage")
     pipe.add_argument("--port", type=int, default=None,
                       help="port of the servers the pipeline starts, one after the other "
@@ -71,6 +76,10 @@ def add_parser(sub) -> None:
                       help="--dtype of the servers (float32 keeps synced fp32 weights exact)")
     pipe.add_argument("--max-model-len", type=int, default=1024,
                       help="--max-model-len of the servers")
+    pipe.add_argument("--report-to", default="none",
+                      choices=REPORT_TO,
+                      help="tracker for the SFT and GRPO stages' logs (see `train grpo "
+                           "--report-to`)")
     pipe.add_argument("--server-arg", action="append", default=[],
                       help="extra `stepzip serve` argument (repeat; e.g. "
                            "--server-arg=--kv-cache-gib=1; the port is --port)")
@@ -103,9 +112,11 @@ def cmd_pipeline(args) -> int:
 
     result = run_pipeline(args.output_dir, model=args.model, preset=preset_name(args),
                           dataset=args.dataset, limit=args.limit,
+                          question_field=args.question_field, answer_field=args.answer_field,
                           server_dtype=args.server_dtype, max_model_len=args.max_model_len,
                           port=args.port, build_sft_url=args.build_sft_url,
-                          grpo_url=args.grpo_url, server_args=args.server_arg)
+                          grpo_url=args.grpo_url, server_args=args.server_arg,
+                          report_to=args.report_to)
     print(json.dumps({"seconds": result["seconds"], "probes": {
         k: {kk: vv for kk, vv in v.items() if kk != "example"}
         for k, v in result["probes"].items()},

@@ -12,9 +12,15 @@ Presets (`PRESETS`):
 * ``tiny``: runs end to end on a 2-core CPU in minutes on the embedded SmolLM2-135M
   (4 GSM8K problems, K = 4 completions of 32 tokens, 2 GRPO steps). It proves the
   machinery, not learning.
+* ``paper-code``: the authors' released scripts' settings (``stepzip.papercode``):
+  build-sft at T 0.6 / top-p 0.95 with their step, score, pruning and join rules; SFT
+  with loss on the whole sequence, LR 2e-5, LoRA alpha 16; GRPO at T 0.6, LR 1e-5,
+  100 warm-up steps, weight decay 0.01, max grad norm 1.0, LoRA r 16 / alpha 32 /
+  dropout 0.05, TRL's own loss and KL defaults (their script sets no KL), their
+  ``[SKIP]``-instructing system prompt and their reward script; K stays 14.
 * ``cpu-demo``: learning you can watch on the same CPU in about half an hour (SVAMP's
-  short word problems, SFT until the model writes [SKIP], GRPO with K = 14); the README's
-  training section has its numbers and why each choice.
+  short word problems, SFT until the model writes [SKIP], GRPO with K = 14);
+  docs/training.md has its numbers and why each choice.
 
 GRPO objectives (``--objective``, what ``loss_type``/``beta`` mean when left unset):
 ``paper`` is plain GRPO (sequence-mean loss ``grpo``, KL to the frozen reference with
@@ -30,21 +36,31 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from stepzip import config
+from stepzip import config, papercode
 from stepzip.config import unescape
 from stepzip.constants import MARKER, THINK_CLOSE
+from stepzip.data import ANSWER_FIELD_HELP, DATASET_HELP, QUESTION_FIELD_HELP
 from stepzip.rewards import RewardConfig
 
 _f = config.option
+
+# Trackers TRL's logs can go to (`--report-to`; the Literal below says the same).
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 
 @dataclass
 class ProblemArgs:
     """Which problems a stage reads (build-sft and GRPO)."""
 
-    dataset: str = _f("gsm8k", "gsm8k, math500, svamp or a .jsonl path")
+    dataset: str = _f("gsm8k", DATASET_HELP)
     split: str = _f("train", "dataset split")
     limit: int | None = _f(None, "problems to use (default: all)")
     offset: int = _f(0, "first problem to use")
+    question_field: str | None = _f(None, QUESTION_FIELD_HELP)
+    answer_field: str | None = _f(None, ANSWER_FIELD_HELP)
+
+    def fields(self) -> dict[str, str | None]:
+        """The column mapping, as `stepzip.data.load_problems` takes it."""
+        return {"question_field": self.question_field, "answer_field": self.answer_field}
 
 
 @dataclass
@@ -78,6 +94,8 @@ class BuildSftConfig(ProblemArgs):
                                      "the server's")
     marker: str = _f(MARKER, "marker that replaces a pruned step")
     think_close: str = _f(THINK_CLOSE, "tag that ends the reasoning in the SFT completion")
+    paper_code: bool = _f(False, "compress by the authors' released scripts' rules (the "
+                                 "/v1/compress preset 'paper-code'; --preset paper-code)")
     prompt_template: str | None = _f(None, "user message template with {problem}")
     system: str | None = _f(None, "system message")
     retries: int = _f(2, "retries of a failed request (transport errors, 5xx)")
@@ -100,6 +118,8 @@ class TrainingArgs:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_target: str = _f("all-linear", "LoRA target modules (comma list or all-linear)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (paper-code: 0.01, their GRPO script)")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (transformers' default)")
     dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "training dtype; auto: bf16 on a bf16-capable GPU, else fp32")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
     threads: int | None = _f(None, "torch CPU threads of the trainer (default: torch's)")
@@ -112,6 +132,11 @@ class TrainingArgs:
         "weights in fp32); without it --resume restarts Adam's moments and the LR schedule")
     resume: str | None = _f(None, "resume from a checkpoint folder, or 'latest'")
     plot: bool = _f(True, "draw the stage's plots from its metrics JSONL at the end")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = _f(
+        "none", "also send TRL's logs (losses; GRPO: each reward component, skip ratio, "
+        "accuracy) to this tracker; tensorboard: event files in runs/ under the TRL output "
+        "folder (grpo: --output-dir, sft: --output-dir/checkpoints); wandb and trackio need "
+        "their package and login")
 
 
 @dataclass
@@ -119,12 +144,16 @@ class SftRunConfig(TrainingArgs):
     """`stepzip train sft`: TRL SFTTrainer on the compressed pairs."""
 
     model: str = _f("default", "base model: folder, hub id, or 'default' (embedded SmolLM2)")
-    data: str = _f("sft.jsonl", "pairs written by build-sft")
+    data: str = _f("sft.jsonl", "pairs written by build-sft: its JSONL, or its <stem>.dataset "
+                   "folder (any save_to_disk folder with prompt and completion columns, text "
+                   "or TRL's conversational messages)")
     output_dir: str = _f("sft-model", "folder of the trained model (servable by stepzip serve)")
     marker: str = _f(MARKER, "skip marker added to the tokenizer as one token")
-    skip_token: Literal["normal", "special"] = _f(
+    skip_token: Literal["normal", "special", "none"] = _f(
         "normal", "add the marker as a normal token (kept by skip_special_tokens decoding; "
-        "the default) or as a special token")
+        "the default), as a special token, or not at all: spelled in ordinary tokens, as "
+        "the authors' SFT script leaves it (paper-code; one token makes the marker cheap "
+        "to write and exact to count)")
     pad_vocab_multiple: int | None = _f(
         None, "pad the resized embedding to a multiple of this (off by default: padded "
         "rows would be sampleable tokens vLLM cannot detokenize; vLLM pads internally)")
@@ -135,6 +164,10 @@ class SftRunConfig(TrainingArgs):
     max_length: int = _f(2048, "tokens per sequence (prompt + completion) at most")
     limit: int | None = _f(None, "use only the first N pairs")
     save_dtype: Literal["auto", "float32", "bfloat16"] = _f("auto", "dtype of the saved model; auto: the training dtype")
+    completion_only_loss: bool = _f(
+        True, "loss on the completion only (the prompt masked: the model learns to write "
+        "reasoning, not problems); --no-completion-only-loss trains on the whole sequence "
+        "as the authors' SFT script does (paper-code)")
     logging_steps: int = _f(5, "log every N steps")
     save_steps: int = _f(0, "checkpoint every N steps (0: only the final model)")
 
@@ -179,6 +212,10 @@ class GrpoRunConfig(TrainingArgs, ProblemArgs):
     concurrency: int = _f(2, "rollout requests in flight")
     timeout: float = _f(1800.0, "seconds one HTTP request may take")
     log_completions: bool = _f(False, "TRL's completion tables")
+    system: str | None = _f(None, "system message of the prompts (paper-code: their "
+                                  "[SKIP]-instructing text)")
+    prompt_template: str | None = _f(None, "user message template with {problem} "
+                                           "(default: stepzip's; paper-code: the problem alone)")
     save_final: bool = _f(True, "save the final policy (with tokenizer) to <output-dir>/final")
     reward: RewardConfig = _f(  # noqa: RUF009 - option() returns a dataclasses.field
         default_factory=RewardConfig,
@@ -222,7 +259,7 @@ TINY: dict[type, dict[str, Any]] = {
                     "concurrency": 1},
 }
 
-# Learning visible on 2 CPU cores in ~30 minutes (README, "Training"): SVAMP (short,
+# Learning visible on 2 CPU cores in ~30 minutes (docs/training.md): SVAMP (short,
 # one-paragraph word problems: short prompts, short traces with several steps to prune),
 # one epoch of SFT for the marker to appear in the model's own text, then GRPO with K = 14
 # (one prompt per step: a step costs its tokens) on a LoRA adapter whose LR is large
@@ -242,7 +279,17 @@ CPU_DEMO: dict[type, dict[str, Any]] = {
                     "request_prompts": 2, "concurrency": 1},
 }
 
-PRESETS: dict[str, dict[type, dict[str, Any]]] = {"tiny": TINY, "cpu-demo": CPU_DEMO}
+# The authors' released scripts (stepzip.papercode says each rule and why the default
+# differs); K stays the paper's 14 (their script used 8).
+PAPER_CODE: dict[type, dict[str, Any]] = {
+    BuildSftConfig: {"paper_code": True, "temperature": papercode.TEMPERATURE,
+                     "top_p": papercode.TOP_P, "prompt_template": papercode.USER_TEMPLATE},
+    SftRunConfig: dict(papercode.SFT),
+    GrpoRunConfig: {**papercode.GRPO, "reward": {"paper_code": True}},
+}
+
+PRESETS: dict[str, dict[type, dict[str, Any]]] = {"tiny": TINY, "cpu-demo": CPU_DEMO,
+                                                  papercode.PRESET: PAPER_CODE}
 
 
 # ---- flags: the shared mechanism (stepzip.config) plus --preset ---------------------------

@@ -158,8 +158,10 @@ def run_grpo(cfg: GrpoRunConfig, *, problems: Sequence[Any] | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     skip_id = skip_token_id_of(tokenizer, reward_cfg.marker)
     if problems is None:
-        problems = load_problems(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset)
-    dataset = Dataset.from_list(grpo_dataset_rows(problems, tokenizer))
+        problems = load_problems(cfg.dataset, cfg.split, limit=cfg.limit, offset=cfg.offset,
+                                 **cfg.fields())
+    dataset = Dataset.from_list(grpo_dataset_rows(problems, tokenizer, cfg.prompt_template,
+                                                  cfg.system))
     log(f"grpo: {len(dataset)} prompts, K={cfg.num_generations}, {cfg.prompts_per_step} "
         f"prompts/step, {cfg.max_steps} steps, objective {cfg.objective} "
         f"{objective_settings(cfg)}, {f'LoRA r={cfg.lora_r}' if cfg.lora else 'full'}, "

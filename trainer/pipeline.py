@@ -117,17 +117,20 @@ def probe_prompts(cfg: GrpoRunConfig, tokenizer_dir: str) -> list[str]:
     from trainer.grpo import grpo_dataset_rows
 
     offset = cfg.offset + (cfg.limit or 0)
-    problems = load_problems(cfg.dataset, cfg.split, limit=PROBE_PROMPTS, offset=offset)
+    problems = load_problems(cfg.dataset, cfg.split, limit=PROBE_PROMPTS, offset=offset,
+                             **cfg.fields())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return [row["prompt"] for row in grpo_dataset_rows(problems, tokenizer)]
+    return [row["prompt"] for row in grpo_dataset_rows(problems, tokenizer, cfg.prompt_template,
+                                                       cfg.system)]
 
 
 def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = None,
                  dataset: str | None = None, limit: int | None = None,
+                 question_field: str | None = None, answer_field: str | None = None,
                  server_dtype: str = "float32", max_model_len: int = 1024,
                  port: int | None = None, build_sft_url: str | None = None,
                  grpo_url: str | None = None, server_args: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict:
+                 report_to: str = "none", log: Callable[[str], None] = print) -> dict:
     """build-sft -> sft -> grpo; returns seconds per phase, the probes and the summaries
     (also in <run>/pipeline.json)."""
     from clients.launcher import ServerProcess
@@ -139,11 +142,13 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    data = {k: v for k, v in (("dataset", dataset), ("limit", limit)) if v is not None}
+    data = {k: v for k, v in (("dataset", dataset), ("limit", limit),
+                              ("question_field", question_field),
+                              ("answer_field", answer_field)) if v is not None}
     base = resolve_model(model)
     grpo_dir = run_dir / "grpo"
     grpo_cfg = with_preset(GrpoRunConfig, preset, model=str(run_dir / "sft"),
-                           output_dir=str(grpo_dir), **data)
+                           output_dir=str(grpo_dir), report_to=report_to, **data)
     probe_args = {"samples": PROBE_SAMPLES, "max_tokens": grpo_cfg.max_completion_length,
                   "temperature": grpo_cfg.temperature}
     prompts = probe_prompts(grpo_cfg, base)
@@ -177,7 +182,8 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
     else:
         sft = run_sft(with_preset(SftRunConfig, preset, model=base,
                                   data=str(run_dir / "sft.jsonl"),
-                                  output_dir=str(run_dir / "sft")), log=log)
+                                  output_dir=str(run_dir / "sft"), report_to=report_to),
+                      log=log)
     seconds["sft"] = time.perf_counter() - t
 
     grpo_dir.mkdir(exist_ok=True)

@@ -7,7 +7,8 @@
   one row; the served model's vocabulary cannot grow at reload time, so this folder is
   what the GRPO-stage server must be started with.
 * Prompt-completion rows: TRL masks the prompt, so the loss is on the completion only
-  (``completion_only_loss=True``) and appends EOS to each completion.
+  (``completion_only_loss=True``) and appends EOS to each completion;
+  ``--no-completion-only-loss`` (paper-code) trains on the whole sequence.
 * LoRA by default (``--no-lora`` for a full fine-tune); the adapter is merged before saving, and the marker's
   embedding row is trained too (through a gradient mask: peft's
   ``trainable_token_indices`` wraps the tied head, which TRL's fused LM head bypasses).
@@ -51,6 +52,11 @@ from trainer.modeling import (
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Pairs from build-sft's JSONL (rendered prompt, completion text) or from a
+    `datasets` folder (``save_to_disk``) with ``prompt``/``completion`` columns: text, or
+    TRL's conversational lists of messages (build-sft's ``<stem>.dataset``)."""
+    if Path(path).is_dir():
+        return _load_pair_folder(Path(path), limit)
     rows = []
     with Path(path).open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -68,6 +74,30 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     if not rows:
         raise ValueError(f"{path}: no pairs")
     return rows
+
+
+def _load_pair_folder(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(path))
+    missing = {"prompt", "completion"} - set(data.column_names)
+    if missing:
+        raise ValueError(f"{path}: a pair dataset needs the columns {sorted(missing)}")
+    rows = list(data.select(range(min(limit, len(data)))) if limit is not None else data)
+    if not rows:
+        raise ValueError(f"{path}: no pairs")
+    return rows
+
+
+def pair_texts(row: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """(prompt, completion) as the text TRL trains on: conversational rows rendered with
+    the chat template (the completion is what the full conversation adds to the prompt)."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str):
+        return prompt, completion
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    return head, full[len(head):]
 
 
 def data_meta(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -100,16 +130,22 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     vocab_before = model.get_input_embeddings().weight.shape[0]
-    skip_id = add_skip_token(tokenizer, model, cfg.marker, special=cfg.skip_token == "special",
-                             pad_to_multiple_of=cfg.pad_vocab_multiple)
-    check_skip_token(tokenizer, cfg.marker, skip_id)
+    skip_id = None
+    if cfg.skip_token != "none":  # none (paper-code): spelled in ordinary tokens
+        skip_id = add_skip_token(tokenizer, model, cfg.marker,
+                                 special=cfg.skip_token == "special",
+                                 pad_to_multiple_of=cfg.pad_vocab_multiple)
+        check_skip_token(tokenizer, cfg.marker, skip_id)
     vocab_after = model.get_input_embeddings().weight.shape[0]
     log(f"sft: {cfg.marker!r} is token {skip_id} ({cfg.skip_token}); embeddings "
         f"{vocab_before} -> {vocab_after} rows")
 
-    rows, too_long = within_length(
-        rows, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+    rendered = [dict(zip(("prompt", "completion"), pair_texts(r, tokenizer)), row=r)
+                for r in rows]
+    fits, too_long = within_length(
+        rendered, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
         cfg.max_length)
+    rows = [r["row"] for r in fits]
     if not rows:
         raise ValueError(f"every pair is longer than max_length={cfg.max_length} tokens")
     log(f"sft: dropped {too_long} pairs longer than {cfg.max_length} tokens (not truncated)")
@@ -127,7 +163,7 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         max_length=cfg.max_length,
-        completion_only_loss=True,
+        completion_only_loss=cfg.completion_only_loss,
         packing=False,
         dataset_num_proc=None,
         disable_tqdm=True,
@@ -140,7 +176,7 @@ def run_sft(cfg: SftRunConfig, log=print) -> dict[str, Any]:
                          processing_class=tokenizer, peft_config=lora_config(cfg),
                          callbacks=[LossLogCallback(metrics_path, log),
                                     CheckpointHygieneCallback(card)])
-    if cfg.lora:
+    if cfg.lora and skip_id is not None:
         # The new marker's row must learn too. peft's trainable_token_indices wraps the
         # (tied) head, which TRL's fused LM head reads around; train the row through a
         # gradient mask on the embedding instead.

@@ -138,3 +138,18 @@ def test_table_fits_80_columns_and_shows_ids():
     for i in ids[:2]:
         assert any(i in line for line in lines), f"id {i} not shown"
     assert any("math500-test-499" in line for line in lines)  # cut with an ellipsis
+
+
+def test_time_line_names_wall_time_and_summed_request_time(capsys):
+    """Chunks run side by side: the servers' times add up over requests, which is not the
+    time the user waited; the line says which is which."""
+    replica = Replica(max_problems=2)
+    try:
+        assert main(["compress", "--url", replica.url, "--dataset", "gsm8k", "--limit", "6",
+                     "--batch-size", "2"]) == 0
+    finally:
+        replica.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time:"))
+    # Three requests of a made-up 1.0 s each (0.5 s generating), answered at once.
+    assert "request time summed over requests 3.00 s (generate 1.50 s" in line
+    assert float(re.search(r"time: wall ([\d.]+) s;", line).group(1)) < 3.0

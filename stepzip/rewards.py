@@ -28,7 +28,7 @@ from typing import Any
 from stepzip import papercode
 from stepzip.config import option
 from stepzip.constants import MARKER, PARAGRAPH_DELIMITER, THINK_CLOSE
-from stepzip.grader import grade
+from stepzip.grader import grade, grade_many
 from stepzip.steps import split_char_spans
 from stepzip.tokens import token_pieces
 
@@ -164,6 +164,19 @@ def correctness_reward(completion: str, gold: str | None, cfg: RewardConfig) -> 
     return cfg.correct_reward if grade(answer, gold).outcome == "correct" else 0.0
 
 
+def correctness_rewards(completions: Sequence[str], golds: Sequence[str | None],
+                        cfg: RewardConfig) -> list[float]:
+    """``correctness_reward`` over a batch, graded concurrently as one grading batch: a
+    hostile gold costs its K completions a few deadlines, not K."""
+    answers = [split_completion(c, cfg.think_close)[1] for c in completions]
+    todo = [i for i, (a, g) in enumerate(zip(answers, golds, strict=True))
+            if a is not None and g is not None]
+    rewards = [0.0] * len(completions)
+    for i, g in zip(todo, grade_many([(answers[i], golds[i]) for i in todo]), strict=True):
+        rewards[i] = cfg.correct_reward if g.outcome == "correct" else 0.0
+    return rewards
+
+
 def skip_ratio_reward(ratio: float, cfg: RewardConfig) -> float:
     """Tiered reward for compressing: high tier at >= skip_ratio_high, mid tier at
     >= skip_ratio_mid, nothing below."""
@@ -233,14 +246,16 @@ def make_trl_reward_funcs(cfg: RewardConfig, tokenizer: Any = None) -> list[Rewa
         return skip_ratio(reasoning, skips(text, ids), cfg.step_delimiter, cfg.marker)
 
     scorers: dict[str, Callable[[str, TokenIds | None, str | None], float]] = {
-        "correctness": lambda text, ids, gold: correctness_reward(text, gold, cfg),
+        # correctness: graded per batch (_trl_correctness_func)
         "skip_ratio": lambda text, ids, gold: skip_ratio_reward(ratio(text, ids), cfg),
         "skip_count": lambda text, ids, gold: skip_count_reward(skips(text, ids), cfg),
         "length": lambda text, ids, gold: length_reward(n_tokens(text, ids), cfg),
     }
     if cfg.paper_code:
         scorers = paper_code_scorers(cfg, tokenizer)
-    return [_trl_reward_func(name, scorers[name]) for name in cfg.enabled()]
+        return [_trl_reward_func(name, scorers[name]) for name in cfg.enabled()]
+    return [_trl_correctness_func(cfg) if name == "correctness"
+            else _trl_reward_func(name, scorers[name]) for name in cfg.enabled()]
 
 
 def paper_code_scorers(
@@ -286,6 +301,18 @@ def _trl_reward_func(
 
     reward.__name__ = reward.__qualname__ = name
     return reward
+
+
+def _trl_correctness_func(cfg: RewardConfig) -> RewardFunc:
+    """The correctness component in TRL's batch signature, graded as one batch."""
+
+    def correctness(prompts: Sequence[Any], completions: Sequence[Any],
+                    completion_ids: Sequence[TokenIds] | None = None,
+                    **kwargs: Any) -> list[float]:
+        golds = _golds(kwargs, len(completions), required=True)
+        return correctness_rewards([completion_text(c) for c in completions], golds, cfg)
+
+    return correctness
 
 
 def _golds(kwargs: Mapping[str, Any], n: int, *, required: bool) -> Sequence[str | None]:

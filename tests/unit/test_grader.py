@@ -174,6 +174,21 @@ def test_rewards_and_eval_grade_through_the_bounded_grader():
 MATH_VERIFY_MODULES = ("stepzip/grading.py", "stepzip/papercode.py")
 
 
+def test_the_trl_correctness_reward_grades_a_batch_concurrently():
+    """K=14 completions against one hostile gold: a few deadlines, not fourteen."""
+    from stepzip.rewards import RewardConfig, make_trl_reward_funcs
+
+    assert grader.configure(timeout=DEADLINE).wait_ready()
+    cfg = RewardConfig()
+    correctness = make_trl_reward_funcs(cfg)[0]
+    assert correctness.__name__ == "correctness"
+    completions = [f"r{cfg.think_close}so \\boxed{{{i}}}" for i in range(14)]
+    rewards, took = timed(lambda: correctness([""] * 14, completions,
+                                              answer=["4^{4^{4^{4}}}"] * 13 + ["13"]))
+    assert rewards == [0.0] * 13 + [cfg.correct_reward]
+    assert took <= 3 * (DEADLINE + SLACK), f"{took:.2f} s"
+
+
 def test_nothing_grades_outside_the_grader():
     """math-verify is imported by the grading modules alone, and their unbounded matching
     functions are called by stepzip/grader.py alone (which runs them in children)."""

@@ -450,12 +450,48 @@ def section_floor(chk: Check) -> tuple[bool, str, dict]:
     return True, "; ".join(parts), out
 
 
+def section_prefill(chk: Check) -> tuple[bool, str, dict]:
+    """/v1/score's prefill pass (server/engine/prefill.py) replayed on synthetic tensors:
+    an 8,000-token trace's hidden states through a bf16 lm_head, CHUNK_BYTES of float32
+    logits at a time, each chunk's entropies vs float64; memory growth and tokens/s."""
+    from server.engine.prefill import CHUNK_BYTES
+
+    tokens, hidden, vocab = (64, 64, 1000) if chk.dry else (8000, 3584, 152_064)
+    chunk = 16 if chk.dry else max(1, CHUNK_BYTES // (4 * vocab))
+    kernel = entropy_triton.entropy_triton  # the kernel entropy_from_logits picks on CUDA
+    states = chk.randn(tokens, hidden, dtype=torch.bfloat16)  # [tokens, hidden]
+    head = (chk.randn(vocab, hidden) * hidden ** -0.5 * 4).to(torch.bfloat16)  # [vocab, hidden]
+    out = torch.empty(tokens, device=chk.device)  # [tokens] float32, as the store's row
+    worst = 0.0
+    for a in range(0, tokens, chunk):  # accuracy pass: every chunk against float64
+        logits = (states[a:a + chunk] @ head.T).float()  # [chunk, vocab] float32
+        out[a:a + chunk] = kernel(logits)
+        worst = max(worst, max_err(out[a:a + chunk], reference_f64(logits)))
+    if chk.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    chk.sync()
+    started = time.perf_counter()
+    for a in range(0, tokens, chunk):  # timed pass: lm_head + entropy, no host sync
+        out[a:a + chunk] = kernel((states[a:a + chunk] @ head.T).float())
+    chk.sync()
+    ms = (time.perf_counter() - started) * 1000
+    growth = (torch.cuda.max_memory_allocated() - base) / 2**20 if chk.device == "cuda" else 0.0
+    whole = tokens * vocab * 4 / 2**20
+    return worst <= TOL, (f"{tokens} tokens x vocab {vocab} in chunks of {chunk}: worst "
+                          f"{worst:.1e} nats, {ms:.1f} ms ({tokens / ms * 1000:,.0f} tok/s), "
+                          f"peak growth {growth:.0f} MiB (all logits at once: {whole:.0f} "
+                          f"MiB)"), {"tokens": tokens, "vocab": vocab, "chunk_rows": chunk,
+                                     "err": worst, "ms": ms, "peak_growth_mib": growth}
+
+
 SECTIONS = [("accuracy", section_accuracy), ("edges", section_edges),
             ("layouts", section_layouts), ("huge", section_huge), ("nosync", section_nosync),
             ("compile", section_compile), ("replay_v2", section_replay_v2),
-            ("floor", section_floor)]
+            ("floor", section_floor), ("prefill", section_prefill)]
 # Seconds a section needs at least on the GPU; fewer left: skipped, reported as such.
-MIN_SECONDS = {"accuracy": 40, "huge": 30, "compile": 40, "floor": 15}
+MIN_SECONDS = {"accuracy": 40, "huge": 30, "compile": 40, "floor": 15, "prefill": 20}
 
 
 def main(argv: list[str] | None = None) -> int:

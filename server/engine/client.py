@@ -4,11 +4,15 @@ stepzip answers /v1/completions and /v1/chat/completions with vLLM's serving obj
 (`OpenAIServingCompletion`, `OpenAIServingChat`), so request fields, defaults, validation,
 response shapes, streaming and errors are vLLM's. They call `engine_client.generate(...)`
 once per prompt; this proxy forwards every call to `AsyncLLM` unchanged, except while a
-request carries the `stepzip` object (a `ChoiceSink` set in `current_sink`): then a
-prompt's n samples run as n engine requests, each with its own entropy key (vLLM's own
-`n` clones one `SamplingParams`, so children would share the key), seeded as vLLM seeds
-its children (sample k gets seed + k: the same samples as `vllm serve`), and each
-finished sample is handed to the sink before its last output reaches the serving object.
+request carries the `stepzip` object (a `ChoiceSink` set in `current_sink`): then the
+prompt's request carries an entropy key, and each finished sample is handed to the sink
+before its last output reaches the serving object.
+
+n > 1 stays ONE engine request with vLLM's own parallel sampling (one prompt prefill,
+vLLM's scheduling, its child seeds), with one entropy key per child: vLLM builds each
+child's SamplingParams in `ParentRequest._get_child_sampling_params` as a shallow copy of
+the parent's (shared by every child when unseeded), so `install_child_keys` wraps that
+method to give child i the key `<key>#i`.
 """
 
 from __future__ import annotations
@@ -36,11 +40,44 @@ current_sink: contextvars.ContextVar[ChoiceSink | None] = contextvars.ContextVar
     "stepzip_choice_sink", default=None)
 
 
+def child_key(key: str, n: int, index: int) -> str:
+    """Entropy key of sample `index` of a request keyed `key` with n samples."""
+    return key if n == 1 else f"{key}#{index}"
+
+
+def install_child_keys() -> None:
+    """Give each child of an n > 1 request its own entropy key (see the module doc).
+    Idempotent; raises when vLLM's ParentRequest no longer has the method (a vLLM other
+    than 0.32 needs checking)."""
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+
+    original = getattr(ParentRequest, "_get_child_sampling_params", None)
+    if original is None:
+        raise RuntimeError("vllm.v1.engine.parallel_sampling.ParentRequest has no "
+                           "_get_child_sampling_params (stepzip supports vLLM 0.32.x)")
+    if getattr(original, "stepzip_child_keys", False):
+        return
+
+    def with_child_key(self, index: int):
+        params = original(self, index)
+        key = (self.sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY)
+        if key is None:
+            return params
+        params = copy(params)  # vLLM may cache one clone for every unseeded child
+        params.extra_args = {**params.extra_args,
+                             EXTRA_ARGS_KEY: child_key(key, self.sampling_params.n, index)}
+        return params
+
+    with_child_key.stepzip_child_keys = True
+    ParentRequest._get_child_sampling_params = with_child_key
+
+
 class StepzipEngineClient:
-    """Delegates to `AsyncLLM`; `generate` fans a stepzip request out per sample."""
+    """Delegates to `AsyncLLM`; `generate` keys a stepzip request's samples."""
 
     def __init__(self, engine):
         self._engine = engine
+        install_child_keys()
 
     def __getattr__(self, name):
         return getattr(self._engine.llm, name)
@@ -53,62 +90,40 @@ class StepzipEngineClient:
             return self._engine.llm.generate(prompt, sampling_params, request_id, **kwargs)
         prompt_index = sink.prompts_seen
         sink.prompts_seen += 1
-        return self._fan_out(sink, prompt_index, prompt, sampling_params, request_id, kwargs)
+        return self._keyed(sink, prompt_index, prompt, sampling_params, request_id, kwargs)
 
-    async def _fan_out(self, sink: ChoiceSink, prompt_index: int, prompt, params,
-                       request_id: str, kwargs: dict) -> AsyncGenerator:
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.utils.async_utils import merge_async_iterators
-
-        n = params.n
-        children = [self._sample(sink, prompt_index, k, prompt, params, request_id, kwargs)
-                    for k in range(n)]
-        if params.output_kind != RequestOutputKind.FINAL_ONLY:
-            async for _, out in merge_async_iterators(*children):
-                out.request_id = request_id
-                yield out
-            return
-        finals = [None] * n
-        async for k, out in merge_async_iterators(*children):
-            finals[k] = out
-        merged = finals[0]  # prompt fields are the same for every sample
-        merged.request_id = request_id
-        merged.outputs = [f.outputs[0] for f in finals]
-        merged.finished = True
-        yield merged
-
-    async def _sample(self, sink: ChoiceSink, prompt_index: int, k: int, prompt, params,
-                      request_id: str, kwargs: dict) -> AsyncGenerator:
+    async def _keyed(self, sink: ChoiceSink, prompt_index: int, prompt, params,
+                     request_id: str, kwargs: dict) -> AsyncGenerator:
+        """One engine request (vLLM's n children); each sample's entropies fetched as it
+        finishes, before its last output reaches the serving object."""
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._engine
-        child_id = f"{k}_{request_id}"
-        child = copy(params)
-        child.n = 1
-        if params.seed is not None:
-            child.seed = params.seed + k  # vLLM's rule for the children of n > 1
+        n = params.n
         entropy = sink.entropy and engine.settings.entropy
         # Request ids may come from the client (X-Request-Id); entropy keys must not collide.
         key = f"sz-{uuid.uuid4().hex}"
         if entropy:
-            child.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: key}
+            params = copy(params)
+            params.extra_args = {**(params.extra_args or {}), EXTRA_ARGS_KEY: key}
         delta = params.output_kind == RequestOutputKind.DELTA
-        token_ids: list[int] = []
-        finished = False
+        token_ids: dict[int, list[int]] = {k: [] for k in range(n)}
+        pending = set(range(n))  # samples not finished yet
         try:
-            async for out in engine.llm.generate(prompt, child, child_id, **kwargs):
-                comp = out.outputs[0]
-                comp.index = k
-                if delta:
-                    token_ids.extend(comp.token_ids)
-                else:  # FINAL_ONLY and CUMULATIVE outputs carry every token so far
-                    token_ids = list(comp.token_ids)
-                if out.finished:
-                    finished = True
-                    entropies = (await engine.entropies(key, len(token_ids))
-                                 if entropy else None)
-                    await sink.finish(prompt_index, k, token_ids, entropies)
+            async for out in engine.llm.generate(prompt, params, request_id, **kwargs):
+                for comp in out.outputs:
+                    k = comp.index
+                    if delta:
+                        token_ids[k].extend(comp.token_ids)
+                    else:  # FINAL_ONLY and CUMULATIVE outputs carry every token so far
+                        token_ids[k] = list(comp.token_ids)
+                    if comp.finish_reason is not None and k in pending:
+                        pending.discard(k)
+                        entropies = (await engine.entropies(child_key(key, n, k),
+                                                            len(token_ids[k]))
+                                     if entropy else None)
+                        await sink.finish(prompt_index, k, token_ids[k], entropies)
                 yield out
         finally:
-            if entropy and not finished:
-                await engine.fetcher.release([key])
+            if entropy and pending:
+                await engine.fetcher.release([child_key(key, n, k) for k in pending])

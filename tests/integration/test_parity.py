@@ -4,9 +4,9 @@ status codes, the same JSON keys at every level and, where the output is determi
 (greedy, or seeded: stepzip seeds sample k with seed + k, as vLLM does), the same values:
 token ids and text exactly, logprobs within 1e-4.
 
-Cases with the `stepzip` object (vLLM ignores the unknown field) check stepzip's
-per-sample fan-out: it runs a prompt's n samples as n engine requests, and the same seed
-must still give vLLM's own `n > 1` tokens and logprobs.
+Cases with the `stepzip` object (vLLM ignores the unknown field) check that stepzip's
+keyed requests (one engine request per prompt, vLLM's own n children, an entropy key per
+child) give vLLM's own `n > 1` tokens and logprobs for the same seed.
 
 Deliberate differences, and why:
 - `/v1/models` cards carry `weight_version` (stepzip reloads weights in place).
@@ -46,7 +46,7 @@ def chat(body, max_tokens=6):
 
 G = {"temperature": 0}
 SEEDED = {"temperature": 0.7, "top_p": 0.9, "seed": 11}
-SZ = {"stepzip": {"entropies": True, "steps": True}}  # per-sample fan-out
+SZ = {"stepzip": {"entropies": True, "steps": True}}  # keyed children
 
 # (name, method, path, body, exact): exact = the values must agree, not only the keys.
 CASES = [
@@ -233,7 +233,7 @@ def test_same_answer_as_vllm_serve(pairs, name, method, path, body, exact):
     (status, ours), (their_status, theirs) = pairs[name]
     assert status == their_status, (ours, theirs)
     if body and "stepzip" in body:
-        assert status == 200, ours  # the fan-out ran, so there are samples to compare
+        assert status == 200, ours  # the samples ran, so there is something to compare
     if status >= 400:
         assert set(ours) == set(theirs) == {"error"}
         assert set(ours["error"]) == set(theirs["error"]) == {"message", "type", "param",

@@ -5,15 +5,16 @@
         trl's VLLMClient.generate sends, plus ignore_eos so every completion has exactly
         max-tokens tokens) against stepzip returning per-token entropies and against
         vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the
-        same model, dtype and batch limits. Rounds alternate between the servers (and
-        which goes first). By default on two models: `default` (the embedded
+        same model, dtype and batch limits, and against the same stepzip server asked
+        without the `stepzip` object ("plain": what the entropies cost). Rounds rotate
+        over the three arms (and which goes first). By default on two models: `default` (the embedded
         SmolLM2-135M: the model's arithmetic dominates, "model-bound") and `tiny` (a
         2-layer random Llama with hidden size 128 and the SmolLM2 tokenizer and
         vocabulary, built once from the default model's folder: the server's own
         per-token cost shows, "overhead-bound"). `--url STEPZIP VLLM` measures two
         servers already running instead. Prints tok/s, the ratio per concurrency (the
-        median of each round's ratio, `paired_ratio`) and the time of an in-place weight
-        reload on stepzip. vLLM runs with stepzip's --logprobs-mode (TRL's).
+        median of each round's ratio, `paired_ratio`) against vLLM and against plain,
+        and the time of an in-place weight reload on stepzip. vLLM runs with stepzip's --logprobs-mode (TRL's).
 
     stepzip bench entropy --concurrency 28 --max-tokens 128 --rounds 6
         The same stepzip server settings started twice, entropy processor on (requests
@@ -277,21 +278,37 @@ def _rollout_servers(model_path: str, args) -> dict[str, ServerProcess]:
     return {"stepzip": stepzip, "vllm": vllm}
 
 
+# The arms of `bench rollout`: (server, extra request fields). "plain" is the same
+# stepzip server asked without the `stepzip` object (no entropies fetched or returned).
+ROLLOUT_ARMS = {"stepzip": ("stepzip", {"stepzip": {"entropies": True}}),
+                "plain": ("stepzip", {}),
+                "vllm": ("vllm", {})}
+
+
+def _rotate(names: list[str], round_index: int) -> list[str]:
+    """Who goes first changes every round (every arm leads once per len(names) rounds), so
+    no arm always runs on a warmer or colder CPU."""
+    shift = round_index % len(names)
+    order = names[shift:] + names[:shift]
+    return order if (round_index // len(names)) % 2 == 0 else order[::-1]
+
+
 def _measure_rollouts(urls: dict[str, str], problems: list[str], args) -> dict:
-    """Alternating rounds per concurrency; returns {concurrency: {server: [tok/s, ...]}}."""
-    extra = {"stepzip": {"stepzip": {"entropies": True}}, "vllm": {}}
-    for name, url in urls.items():  # warm-up: first requests pay for lazy set-up
-        asyncio.run(_rollout_round(url, problems[:2], args.k, 8, args.logprobs, extra[name]))
+    """Rounds rotating over the arms per concurrency; returns {concurrency: {arm: [tok/s,
+    ...]}}."""
+    arms = {arm: (urls[server], extra) for arm, (server, extra) in ROLLOUT_ARMS.items()}
+    for url, extra in arms.values():  # warm-up: first requests pay for lazy set-up
+        asyncio.run(_rollout_round(url, problems[:2], args.k, 8, args.logprobs, extra))
     results: dict[int, dict[str, list[float]]] = {}
     for c in args.concurrency:
-        results[c] = {name: [] for name in urls}
+        results[c] = {arm: [] for arm in arms}
         for r in range(args.rounds):
-            for name in _alternate(list(urls), r):
+            for arm in _rotate(list(arms), r):
+                url, extra = arms[arm]
                 n, secs = asyncio.run(_rollout_round(
-                    urls[name], problems[:c], args.k, args.max_tokens, args.logprobs,
-                    extra[name]))
-                results[c][name].append(n / secs)
-                print(f"concurrency {c:3d} round {r + 1} {name:8s}: {n} tokens in "
+                    url, problems[:c], args.k, args.max_tokens, args.logprobs, extra))
+                results[c][arm].append(n / secs)
+                print(f"concurrency {c:3d} round {r + 1} {arm:8s}: {n} tokens in "
                       f"{secs:.1f} s = {n / secs:.1f} tok/s", flush=True)
     return results
 
@@ -330,10 +347,15 @@ def _rollout_model(label: str, model_path: str | None, problems: list[str], args
     for c, per in results.items():
         ours, theirs = statistics.median(per["stepzip"]), statistics.median(per["vllm"])
         paired = paired_ratio(per["stepzip"], per["vllm"])
+        vs_plain = paired_ratio(per["stepzip"], per["plain"])
         out["by_concurrency"][c] = {"stepzip_tok_s": per["stepzip"], "vllm_tok_s": per["vllm"],
-                                    **paired}
+                                    "plain_tok_s": per["plain"], **paired,
+                                    "vs_plain": vs_plain}
         print(f"[{label}, {kind}] concurrency {c}: stepzip (entropies on) {ours:.1f} tok/s "
               f"vs vLLM serve {theirs:.1f} tok/s (medians) -> {describe(paired)}", flush=True)
+        print(f"[{label}, {kind}] concurrency {c}: entropies on vs the same server without the "
+              f"stepzip object {statistics.median(per['plain']):.1f} tok/s -> "
+              f"{describe(vs_plain)}", flush=True)
     if reload_s is not None:
         print(f"[{label}] weight reload on stepzip: {reload_s:.2f} s (median of 3)")
     return out

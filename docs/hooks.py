@@ -23,6 +23,7 @@ ASSETS = {
     "img/eval-svamp40-accuracy_vs_kappa.png":
         "clients/results/eval-svamp40/accuracy_vs_kappa.png",
     "img/cpu-demo-grpo.png": "trainer/results/cpu-demo/grpo.png",
+    "img/cpu-demo-heldout.png": "trainer/results/cpu-demo/heldout.png",
 }
 CLI_INDEX = "reference/cli/index.md"
 ROUTES_INDEX = "reference/routes/index.md"

@@ -18,11 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from stepzip import config
 from stepzip.data import ANSWER_FIELD_HELP, DATASET_HELP, QUESTION_FIELD_HELP
 from trainer.config import (
     REPORT_TO,
     BuildSftConfig,
     GrpoRunConfig,
+    PipelineConfig,
     SftRunConfig,
     add_flags,
     add_preset_flags,
@@ -83,6 +85,7 @@ def add_parser(sub) -> None:
     pipe.add_argument("--server-arg", action="append", default=[],
                       help="extra `stepzip serve` argument (repeat; e.g. "
                            "--server-arg=--kv-cache-gib=1; the port is --port)")
+    config.add_flags(pipe, PipelineConfig)
     pipe.set_defaults(func=cmd_pipeline)
 
 
@@ -116,12 +119,13 @@ def cmd_pipeline(args) -> int:
                           server_dtype=args.server_dtype, max_model_len=args.max_model_len,
                           port=args.port, build_sft_url=args.build_sft_url,
                           grpo_url=args.grpo_url, server_args=args.server_arg,
-                          report_to=args.report_to)
-    print(json.dumps({"seconds": result["seconds"], "probes": {
-        k: {kk: vv for kk, vv in v.items() if kk != "example"}
-        for k, v in result["probes"].items()},
-        "first_and_last_grpo_step": result["grpo"]["first_and_last"],
-        "disk_bytes": result["disk_bytes"]}, indent=2))
+                          report_to=args.report_to,
+                          pipeline=from_args(PipelineConfig, args))
+    print(json.dumps({"seconds": result["seconds"],
+                      "first_and_last_grpo_step": {
+                          name: result[name]["first_and_last"]
+                          for name in ("grpo", "grpo_ablation") if result.get(name)},
+                      "disk_bytes": result["disk_bytes"]}, indent=2))
     return 0
 
 

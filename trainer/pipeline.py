@@ -2,9 +2,12 @@
 the SFT folder), starting each server itself on ``--port`` (or using ``--build-sft-url``
 / ``--grpo-url``), one engine at a time, saying what it waits for.
 
-Before SFT (on the base model's server) and after it (on the GRPO server, before any
-GRPO step) it samples the GRPO settings' completions for held-out problems and reports
-the share that write the marker in their reasoning: what SFT taught; and again after GRPO.
+With ``--heldout N`` it evaluates the policy on N problems no stage saw (trainer.heldout:
+accuracy, tokens per completion, marker share, bootstrap CIs) on the base model's server
+after build-sft, on the GRPO server before the first GRPO step (the SFT model) and after
+the last; with ``--ablation`` it then runs GRPO again from the SFT model on a fresh server
+with correctness + skip ratio only (the paper's Table 4 ablation) and evaluates that too.
+The table, paired differences and heldout.png land in the run folder.
 
 A rerun in the same folder resumes: build-sft skips finished problems, a finished SFT
 (its stepzip_train.json) is reused; GRPO starts over unless run as its own stage with
@@ -13,7 +16,9 @@ A rerun in the same folder resumes: build-sft skips finished problems, a finishe
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from clients.client import StepzipClient
-from trainer.config import BuildSftConfig, GrpoRunConfig, SftRunConfig, with_preset
+from trainer import heldout
+from trainer.callbacks import SYNC_DIR
+from trainer.config import (
+    BuildSftConfig,
+    GrpoRunConfig,
+    PipelineConfig,
+    SftRunConfig,
+    with_preset,
+)
 
 # TRL sets VLLM_LOGGING_LEVEL=ERROR in the importing process; servers started from here
 # would inherit it and log nothing useful.
 SERVER_ENV = {"VLLM_LOGGING_LEVEL": "INFO"}
-PROBE_PROMPTS = 16  # held-out problems of the marker-share probe
-PROBE_SAMPLES = 4   # completions each
+ABLATION_DIR = "grpo-ablation"
 
 
 def serve_argv(model: str, *, dtype: str, max_model_len: int, weights_root: Path | None,
@@ -79,49 +91,98 @@ def last_news(tail: str) -> str:
     return lines[-1].strip()[-120:] if lines else ""
 
 
-def marker_share(url: str, prompts: list[str], *, marker: str, delimiter: str | None,
-                 samples: int, max_tokens: int, temperature: float, seed: int = 0,
-                 tokenizer: Any = None) -> dict[str, Any]:
-    """Share of sampled completions whose reasoning holds the marker, and their mean skip
-    ratio, by the server's own count (`stepzip` fields of /v1/completions)."""
-    client = StepzipClient(url)
-    try:
-        body: dict[str, Any] = {"prompt": prompts, "n": samples, "max_tokens": max_tokens,
-                                "temperature": temperature, "seed": seed,
-                                "stepzip": {"marker": marker}}
-        if delimiter:
-            body["stepzip"]["delimiter"] = delimiter
-        choices = client.completions(body)["choices"]
-    finally:
-        client.close()
-    stats = [c.get("stepzip") or {} for c in choices]
-    with_marker = sum(1 for s in stats if s.get("n_skips", 0) > 0)
-    ratios = [float(s.get("skip_ratio", 0.0)) for s in stats]
-    return {"completions": len(choices), "with_marker": with_marker,
-            "share": with_marker / max(1, len(choices)),
-            "mean_skip_ratio": sum(ratios) / max(1, len(ratios)),
-            "example": choices[0].get("text") if choices else None}
+def heldout_range(pcfg: PipelineConfig, build: BuildSftConfig,
+                  grpo: GrpoRunConfig) -> tuple[int, int]:
+    """(offset, count) of the held-out problems in GRPO's data set; refused where they
+    would overlap the problems build-sft or GRPO use."""
+    if grpo.limit is None and pcfg.heldout_offset is None:
+        raise ValueError("heldout: GRPO uses every problem (no --limit); give "
+                         "--heldout-offset past the problems it trains on")
+    offset = (pcfg.heldout_offset if pcfg.heldout_offset is not None
+              else grpo.offset + (grpo.limit or 0))
+    end = offset + pcfg.heldout
+    for name, cfg in (("build-sft", build), ("grpo", grpo)):
+        if (cfg.dataset, cfg.split) != (grpo.dataset, grpo.split):
+            continue
+        stop = float("inf") if cfg.limit is None else cfg.offset + cfg.limit
+        if offset < stop and cfg.offset < end:
+            raise ValueError(f"heldout: problems {offset}..{end - 1} of {grpo.dataset}/"
+                             f"{grpo.split} overlap those {name} uses ({cfg.offset}.."
+                             f"{stop - 1}); set --heldout-offset")
+    return offset, pcfg.heldout
 
 
-def share_line(name: str, probe: dict[str, Any]) -> str:
-    return (f"pipeline: marker share {name}: {probe['with_marker']}/{probe['completions']} "
-            f"completions ({100 * probe['share']:.1f} %), mean skip ratio "
-            f"{probe['mean_skip_ratio']:.3f}")
-
-
-def probe_prompts(cfg: GrpoRunConfig, tokenizer_dir: str) -> list[str]:
-    """Held-out problems (after the GRPO ones), rendered as the GRPO prompts are."""
+def heldout_problems(grpo: GrpoRunConfig, offset: int, count: int,
+                     tokenizer_dir: str) -> tuple[list[Any], list[str]]:
+    """The held-out problems and their prompts, rendered as the GRPO prompts are."""
     from transformers import AutoTokenizer
 
     from stepzip.data import load_problems
     from trainer.grpo import grpo_dataset_rows
 
-    offset = cfg.offset + (cfg.limit or 0)
-    problems = load_problems(cfg.dataset, cfg.split, limit=PROBE_PROMPTS, offset=offset,
-                             **cfg.fields())
+    problems = load_problems(grpo.dataset, grpo.split, limit=count, offset=offset,
+                             **grpo.fields())
+    if len(problems) < count:
+        raise ValueError(f"heldout: {grpo.dataset}/{grpo.split} has {len(problems)} problems "
+                         f"from {offset}, not {count}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return [row["prompt"] for row in grpo_dataset_rows(problems, tokenizer, cfg.prompt_template,
-                                                       cfg.system)]
+    rows = grpo_dataset_rows(problems, tokenizer, grpo.prompt_template, grpo.system)
+    return problems, [row["prompt"] for row in rows]
+
+
+def ablation_config(grpo: GrpoRunConfig, run_dir: Path) -> GrpoRunConfig:
+    """The same GRPO run with correctness + skip ratio only (no skip-count or length
+    guard), into its own folder; its numbers are the point, so no final model is saved
+    (its last checkpoint holds the adapter)."""
+    return dataclasses.replace(
+        grpo, output_dir=str(run_dir / ABLATION_DIR), save_final=False,
+        reward=dataclasses.replace(grpo.reward, skip_count=False, length=False))
+
+
+def comparison(rows: dict[str, list[dict]], summaries: dict[str, dict]) -> dict[str, Any]:
+    """Paired differences (same problems) of accuracy and tokens against the SFT model
+    and the base model."""
+    out: dict[str, Any] = {}
+    for after in summaries:
+        for before in ("before_sft", "after_sft"):
+            if after == before or before not in rows or \
+                    list(summaries).index(after) < list(summaries).index(before):
+                continue
+            out[f"{after} - {before}"] = {
+                key: heldout.paired_delta(rows[before], rows[after], key)
+                for key in ("correct", "tokens", "with_marker")}
+    return out
+
+
+def guard_rates(metrics_path: Path, cfg: Any) -> dict[str, float | None]:
+    """Share of GRPO completions each guard penalised, over the whole run (from the mean
+    of its reward component per step; None when the component was off)."""
+    from trainer.metrics import read_metrics
+
+    records = read_metrics(metrics_path)
+    out: dict[str, float | None] = {}
+    for name, penalty in (("length", cfg.too_long_penalty),
+                          ("skip_count", cfg.too_many_skips_penalty)):
+        values = [r[f"rewards/{name}/mean"] for r in records if f"rewards/{name}/mean" in r]
+        on = getattr(cfg, name) and values and penalty
+        out[name] = abs(sum(values) / len(values) / penalty) if on else None
+    return out
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """Markdown table of the held-out summaries (as the README shows it)."""
+    def cell(s: dict, key: str, scale: float, digits: int) -> str:
+        m, (lo, hi) = s[key]["mean"] * scale, [v * scale for v in s[key]["ci"]]
+        return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    lines = [("| policy | budget | accuracy % | tokens / completion | marker share % | "
+              "skip ratio | closed % |"), "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in summaries.items():
+        lines.append(f"| {name} | {s.get('max_tokens', '')} | {cell(s, 'accuracy', 100, 1)} | "
+                     f"{cell(s, 'tokens', 1, 1)} | "
+                     f"{cell(s, 'marker_share', 100, 1)} | {s['skip_ratio']['mean']:.3f} | "
+                     f"{100 * s['closed']['mean']:.1f} |")
+    return "\n".join(lines)
 
 
 def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = None,
@@ -130,15 +191,21 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
                  server_dtype: str = "float32", max_model_len: int = 1024,
                  port: int | None = None, build_sft_url: str | None = None,
                  grpo_url: str | None = None, server_args: list[str] | None = None,
-                 report_to: str = "none", log: Callable[[str], None] = print) -> dict:
-    """build-sft -> sft -> grpo; returns seconds per phase, the probes and the summaries
-    (also in <run>/pipeline.json)."""
+                 report_to: str = "none", pipeline: PipelineConfig | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """build-sft -> sft -> grpo (-> the ablation's grpo); returns seconds per phase, the
+    held-out evaluation and the summaries (also in <run>/pipeline.json)."""
     from clients.launcher import ServerProcess
     from trainer.build_sft import build_sft
     from trainer.grpo import run_grpo
     from trainer.modeling import read_meta, resolve_model
     from trainer.sft import run_sft
 
+    pcfg = pipeline if pipeline is not None else with_preset(PipelineConfig, preset)
+    if pcfg.ablation and grpo_url is not None:
+        raise ValueError("ablation: needs a fresh server on the SFT model, which --grpo-url "
+                         "cannot give; leave out --grpo-url or pass --no-ablation")
+    started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -147,12 +214,31 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
                               ("answer_field", answer_field)) if v is not None}
     base = resolve_model(model)
     grpo_dir = run_dir / "grpo"
+    build_cfg = with_preset(BuildSftConfig, preset, url="", output=str(run_dir / "sft.jsonl"),
+                            **data)
     grpo_cfg = with_preset(GrpoRunConfig, preset, model=str(run_dir / "sft"),
                            output_dir=str(grpo_dir), report_to=report_to, **data)
-    probe_args = {"samples": PROBE_SAMPLES, "max_tokens": grpo_cfg.max_completion_length,
-                  "temperature": grpo_cfg.temperature}
-    prompts = probe_prompts(grpo_cfg, base)
-    probes: dict[str, Any] = {}
+    rows: dict[str, list[dict]] = {}
+    summaries: dict[str, dict] = {}
+    problems: list[Any] = []
+    prompts: list[str] = []
+    if pcfg.heldout:
+        offset, count = heldout_range(pcfg, build_cfg, grpo_cfg)
+        problems, prompts = heldout_problems(grpo_cfg, offset, count, base)
+        log(f"pipeline: {count} held-out problems: {grpo_cfg.dataset}/{grpo_cfg.split} "
+            f"{offset}..{offset + count - 1}")
+    max_tokens = pcfg.heldout_max_tokens or grpo_cfg.max_completion_length
+
+    def evaluate(name: str, url: str, meta: dict[str, Any], tokens: int = max_tokens) -> None:
+        if not pcfg.heldout:
+            return
+        t1 = time.perf_counter()
+        rows[name], summaries[name] = heldout.evaluate(
+            url, problems, prompts, grpo_cfg.reward_config(meta), max_tokens=tokens,
+            out=run_dir / "heldout" / f"{name}.jsonl")
+        summaries[name]["max_tokens"] = tokens
+        seconds[f"heldout_{name}"] = time.perf_counter() - t1
+        log("pipeline: " + heldout.summary_line(name, summaries[name]))
 
     def serving(argv: list[str], url: str | None, what: str, log_name: str):
         if url is not None:
@@ -168,12 +254,15 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
                  build_sft_url, "build-sft (base model)", "server-build-sft.log") as url:
         seconds["server_start_build_sft"] = time.perf_counter() - t
         t1 = time.perf_counter()
-        stats = build_sft(with_preset(BuildSftConfig, preset, url=url,
-                                      output=str(run_dir / "sft.jsonl"), **data), log=log)
+        stats = build_sft(dataclasses.replace(build_cfg, url=url), log=log)
         seconds["build_sft"] = time.perf_counter() - t1
-        probes["before_sft"] = marker_share(url, prompts, marker=grpo_cfg.reward.marker,
-                                            delimiter=stats.delimiter, **probe_args)
-        log(share_line("before SFT (base model)", probes["before_sft"]))
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped_by_reason.items())
+        log(f"pipeline: SFT pairs: {stats.kept_total} kept, {stats.dropped} problems dropped "
+            f"this run ({reasons or 'none'}; keep={build_cfg.keep})")
+        evaluate("before_sft", url, {"delimiter": stats.delimiter})
+        if pcfg.heldout_base_max_tokens:
+            evaluate(f"before_sft_{pcfg.heldout_base_max_tokens}_tokens", url,
+                     {"delimiter": stats.delimiter}, pcfg.heldout_base_max_tokens)
 
     t = time.perf_counter()
     sft = read_meta(run_dir / "sft")  # written last by a finished SFT: a rerun reuses it
@@ -186,40 +275,60 @@ def run_pipeline(run_dir: Path, *, model: str = "default", preset: str | None = 
                       log=log)
     seconds["sft"] = time.perf_counter() - t
 
-    grpo_dir.mkdir(exist_ok=True)
-    t = time.perf_counter()
-    with serving(serve_argv(str(run_dir / "sft"), dtype=server_dtype,
-                            max_model_len=max_model_len, weights_root=grpo_dir,
-                            delimiter=sft.get("delimiter"), extra=server_args),
-                 grpo_url, "GRPO (SFT model, weight routes)", "server-grpo.log") as url:
-        seconds["server_start_grpo"] = time.perf_counter() - t
-        probes["after_sft"] = marker_share(url, prompts, marker=sft["marker"],
-                                           delimiter=sft.get("delimiter"), **probe_args)
-        log(share_line("after SFT", probes["after_sft"]))
-        t1 = time.perf_counter()
-        grpo = run_grpo(_replace(grpo_cfg, url=url), log=log)
-        seconds["grpo"] = time.perf_counter() - t1
-        seconds.update({f"grpo_{k}": v for k, v in grpo["time_split"].items()})
-        probes["after_grpo"] = marker_share(url, prompts, marker=sft["marker"],
-                                            delimiter=sft.get("delimiter"), **probe_args)
-        log(share_line("after GRPO", probes["after_grpo"]))
-    seconds["grpo_total"] = time.perf_counter() - t
-    result = {"seconds": seconds, "probes": probes, "sft": sft, "grpo": grpo,
-              "disk_bytes": disk_usage(run_dir)}
+    runs = {"grpo": (grpo_cfg, "GRPO (SFT model, weight routes)", "server-grpo.log")}
+    if pcfg.ablation:
+        runs["grpo_ablation"] = (ablation_config(grpo_cfg, run_dir),
+                                 "ablation GRPO (SFT model, correctness + skip ratio only)",
+                                 "server-grpo-ablation.log")
+    results: dict[str, Any] = {}
+    for name, (cfg, what, log_name) in runs.items():
+        Path(cfg.output_dir).mkdir(exist_ok=True)
+        t = time.perf_counter()
+        with serving(serve_argv(str(run_dir / "sft"), dtype=server_dtype,
+                                max_model_len=max_model_len, weights_root=Path(cfg.output_dir),
+                                delimiter=sft.get("delimiter"), extra=server_args),
+                     grpo_url, what, log_name) as url:
+            seconds[f"server_start_{name}"] = time.perf_counter() - t
+            if name == "grpo":
+                evaluate("after_sft", url, sft)
+            log(f"pipeline: {name}: reward components {', '.join(cfg.reward.enabled())}")
+            t1 = time.perf_counter()
+            results[name] = run_grpo(dataclasses.replace(cfg, url=url), log=log)
+            seconds[name] = time.perf_counter() - t1
+            seconds.update({f"{name}_{k}": v for k, v in results[name]["time_split"].items()})
+            results[name]["guards_fired"] = guard_rates(Path(cfg.output_dir) / "metrics.jsonl",
+                                                        cfg.reward)
+            log(f"pipeline: {name}: share of completions penalised by the length guard "
+                f"{_share(results[name]['guards_fired']['length'])}, by the skip-count guard "
+                f"{_share(results[name]['guards_fired']['skip_count'])}")
+            evaluate(f"after_{name}", url, sft)
+        seconds[f"{name}_total"] = time.perf_counter() - t
+        if not cfg.save_final:  # the server held the last push; nothing else needs it
+            shutil.rmtree(Path(cfg.output_dir) / SYNC_DIR, ignore_errors=True)
+
+    result = {"seconds": seconds, "sft": sft, "grpo": results.get("grpo"),
+              "grpo_ablation": results.get("grpo_ablation"),
+              "pipeline": dataclasses.asdict(pcfg), "disk_bytes": disk_usage(run_dir)}
+    if summaries:
+        result["heldout"] = {"problems": len(problems), "dataset": grpo_cfg.dataset,
+                             "split": grpo_cfg.split, "max_tokens": max_tokens,
+                             "greedy": True, "summaries": summaries,
+                             "paired": comparison(rows, summaries)}
+        (run_dir / "heldout.json").write_text(json.dumps(result["heldout"], indent=2))
+        (run_dir / "heldout.md").write_text(table(summaries) + "\n")
+        heldout.plot(summaries, run_dir / "heldout.png")
+        log("pipeline: held-out results (also heldout.md, heldout.json, heldout.png):\n"
+            + table(summaries))
     (run_dir / "pipeline.json").write_text(json.dumps(result, indent=2, default=str))
-    log(f"pipeline: done in {sum(v for k, v in seconds.items() if k in _PHASES):.0f} s; "
-        f"{result['disk_bytes'] / 1e9:.2f} GB on disk in {run_dir}; plots "
+    seconds["total"] = time.perf_counter() - started
+    log(f"pipeline: done in {seconds['total']:.0f} s"
+        f"; {result['disk_bytes'] / 1e9:.2f} GB on disk in {run_dir}; plots "
         f"{run_dir / 'sft' / 'sft_loss.png'}, {grpo_dir / 'grpo.png'}")
     return result
 
 
-_PHASES = ("server_start_build_sft", "build_sft", "sft", "grpo_total")
-
-
-def _replace(cfg: GrpoRunConfig, **values: Any) -> GrpoRunConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **values)
+def _share(value: float | None) -> str:
+    return "off" if value is None else f"{100 * value:.1f} %"
 
 
 def disk_usage(folder: Path) -> int:

@@ -40,6 +40,30 @@ def _later_tests_need(request, names: set[str]) -> bool:
                for item in items[max(mine, default=len(items)) + 1:])
 
 
+def test_heldout_evaluation_against_the_live_server(server, default_model_dir) -> None:
+    """The demo's held-out pass on real completions: one greedy completion per problem,
+    token counts that add up to the server's usage, graded rows."""
+    from transformers import AutoTokenizer
+
+    from stepzip.data import load_problems
+    from stepzip.rewards import RewardConfig
+    from trainer import heldout
+    from trainer.grpo import grpo_dataset_rows
+
+    problems = load_problems("asdiv", "test", limit=5, offset=2000)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    prompts = [r["prompt"] for r in grpo_dataset_rows(problems, tokenizer)]
+    rows, summary = heldout.evaluate(server.url, problems, prompts,
+                                     RewardConfig(step_delimiter="\n"), max_tokens=12)
+    usage = httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "prompt": prompts, "max_tokens": 12, "temperature": 0.0}).json()["usage"]
+    assert [r["id"] for r in rows] == [p.id for p in problems]
+    assert sum(r["tokens"] for r in rows) == usage["completion_tokens"]
+    assert all(1 <= r["tokens"] <= 12 and r["text"] for r in rows)
+    assert all(r["grade"] in ("correct", "wrong", "ungradable", "no_gold") for r in rows)
+    assert summary["problems"] == 5 and summary["marker_share"]["mean"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("trainer-run")

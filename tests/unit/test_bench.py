@@ -29,6 +29,17 @@ def test_rollout_requests_carry_what_trl_sends():
     assert '"return_token_ids": True' in body and '"return_tokens_as_token_ids": True' in body
 
 
+def test_rollout_rounds_rotate_over_the_three_arms():
+    arms = ["stepzip", "plain", "vllm"]
+    orders = [bench._rotate(arms, r) for r in range(6)]
+    assert all(sorted(o) == sorted(arms) for o in orders)
+    assert {o[0] for o in orders[:3]} == set(arms)   # every arm leads once per 3 rounds
+    assert {o[-1] for o in orders[:3]} == set(arms)
+    assert orders[3] == orders[0][::-1]               # then the order reverses
+    assert bench.ROLLOUT_ARMS["plain"] == ("stepzip", {})
+    assert bench.ROLLOUT_ARMS["stepzip"][1] == {"stepzip": {"entropies": True}}
+
+
 def test_rounds_alternate_who_goes_first():
     assert bench._alternate(["stepzip", "vllm"], 0) == ["stepzip", "vllm"]
     assert bench._alternate(["stepzip", "vllm"], 1) == ["vllm", "stepzip"]

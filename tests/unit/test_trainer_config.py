@@ -82,7 +82,7 @@ def test_flag_beats_preset_beats_default() -> None:
     assert cfg.max_steps == 3 and cfg.num_generations == 4
     assert cfg.reward.max_completion_tokens == 9
     demo = from_args(GrpoRunConfig, _parse(GrpoRunConfig, ["--preset", "cpu-demo"]))
-    assert demo.dataset == "svamp" and demo.num_generations == 14
+    assert demo.dataset == "asdiv" and demo.num_generations == 14
 
 
 def test_reward_flags_fill_the_nested_reward_config() -> None:

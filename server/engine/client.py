@@ -17,6 +17,7 @@ method to give child i the key `<key>#i`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -111,6 +112,7 @@ class StepzipEngineClient:
         pending = set(range(n))  # samples not finished yet
         try:
             async for out in engine.llm.generate(prompt, params, request_id, **kwargs):
+                finished = []
                 for comp in out.outputs:
                     k = comp.index
                     if delta:
@@ -119,10 +121,15 @@ class StepzipEngineClient:
                         token_ids[k] = list(comp.token_ids)
                     if comp.finish_reason is not None and k in pending:
                         pending.discard(k)
-                        entropies = (await engine.entropies(child_key(key, n, k),
-                                                            len(token_ids[k]))
-                                     if entropy else None)
-                        await sink.finish(prompt_index, k, token_ids[k], entropies)
+                        finished.append(k)
+                if finished:
+                    # All at once: the fetcher coalesces them into one engine RPC (awaited
+                    # one by one, each child cost an RPC between engine steps).
+                    entropies = (await asyncio.gather(*(
+                        engine.entropies(child_key(key, n, k), len(token_ids[k]))
+                        for k in finished)) if entropy else [None] * len(finished))
+                    await asyncio.gather(*(sink.finish(prompt_index, k, token_ids[k], e)
+                                           for k, e in zip(finished, entropies, strict=True)))
                 yield out
         finally:
             if entropy and pending:

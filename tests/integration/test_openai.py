@@ -121,6 +121,24 @@ def test_stepzip_extension_rides_along(server):
     assert len({tuple(c["token_ids"]) for c in choices[:3]}) > 1
 
 
+def _fetch_rpcs(url: str) -> float:
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    return float(re.search(r"^stepzip_entropy_fetch_seconds_count (\S+)$", metrics,
+                           re.MULTILINE).group(1))
+
+
+def test_children_finishing_together_cost_one_entropy_fetch(server):
+    """n = 14 samples of one prompt finish in the same engine step (ignore_eos): their
+    entropies come back in one engine RPC, not 14 between engine steps."""
+    before = _fetch_rpcs(server.url)
+    r = httpx.post(server.url + "/v1/completions", json={
+        "prompt": PROMPTS[0], "n": 14, "max_tokens": 8, "ignore_eos": True, "seed": 1,
+        "stepzip": {"entropies": True}}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert all(len(c["stepzip"]["entropies"]) == 8 for c in r.json()["choices"])
+    assert _fetch_rpcs(server.url) - before == 1
+
+
 def test_openai_routes_answer_bad_input_as_vllm_does(server):
     """400 with vLLM's body naming the field, before anything is generated."""
     cases = [({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),

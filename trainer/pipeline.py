@@ -142,11 +142,11 @@ def ablation_config(grpo: GrpoRunConfig, run_dir: Path) -> GrpoRunConfig:
 def comparison(rows: dict[str, list[dict]], summaries: dict[str, dict]) -> dict[str, Any]:
     """Paired differences (same problems) of accuracy and tokens against the SFT model
     and the base model."""
+    order = list(summaries)  # evaluation order: a policy is compared with earlier ones
     out: dict[str, Any] = {}
-    for after in summaries:
+    for after in order:
         for before in ("before_sft", "after_sft"):
-            if after == before or before not in rows or \
-                    list(summaries).index(after) < list(summaries).index(before):
+            if before not in order or order.index(after) <= order.index(before):
                 continue
             out[f"{after} - {before}"] = {
                 key: heldout.paired_delta(rows[before], rows[after], key)

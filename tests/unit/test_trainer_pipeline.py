@@ -171,3 +171,14 @@ def test_guard_rates_are_the_share_of_completions_penalised(tmp_path) -> None:
     assert rates == {"length": pytest.approx(0.375), "skip_count": pytest.approx(0.25)}
     assert pipeline.guard_rates(path, RewardConfig(length=False, skip_count=False)) == {
         "length": None, "skip_count": None}
+
+
+def test_comparison_pairs_each_policy_with_the_earlier_baselines() -> None:
+    rows = {name: [{"id": str(i), "correct": i < right, "tokens": 10 * right,
+                    "with_marker": False} for i in range(10)]
+            for name, right in (("before_sft", 1), ("after_sft", 4), ("after_grpo", 2))}
+    paired = pipeline.comparison(rows, {name: {} for name in rows})
+    assert list(paired) == ["after_sft - before_sft", "after_grpo - before_sft",
+                            "after_grpo - after_sft"]
+    assert paired["after_grpo - after_sft"]["correct"]["mean"] == pytest.approx(-0.2)
+    assert paired["after_sft - before_sft"]["tokens"]["mean"] == pytest.approx(30.0)

@@ -84,6 +84,12 @@ def add_parser(sub) -> None:
     roll.add_argument("--logprobs", type=int, default=0,
                       help="logprobs per token, as TRL sends it (0: the sampled token's); "
                            "-1 leaves the field out")
+    roll.add_argument("--arms", nargs="+", choices=list(ROLLOUT_ARMS),
+                      default=list(ROLLOUT_ARMS),
+                      help="what to compare: stepzip (entropies on), plain (the same server "
+                           "without the stepzip object), vllm (`vllm serve`); without vllm "
+                           "only one server runs, which makes the entropies' cost quieter "
+                           "to measure on a small machine")
     roll.add_argument("--max-num-seqs", type=int, default=256, help="server --max-num-seqs")
     roll.add_argument("--dtype", default="float32", help="server --dtype")
     roll.add_argument("--json", type=Path, default=None, help="write results here")
@@ -263,6 +269,7 @@ async def _rollout_round(url: str, prompts: list[str], k: int, max_tokens: int,
 
 
 def _rollout_servers(model_path: str, args) -> dict[str, ServerProcess]:
+    """The servers the asked-for arms need (stepzip always: it serves two of them)."""
     common = ["--max-model-len", "1024", "--max-num-seqs", str(args.max_num_seqs),
               "--dtype", args.dtype]
     stepzip = ServerProcess(["serve", "--model", model_path, "--served-model-name", "bench",
@@ -275,7 +282,7 @@ def _rollout_servers(model_path: str, args) -> dict[str, ServerProcess]:
         "--logprobs-mode", "processed_logprobs", *common],
         env={"VLLM_CPU_KVCACHE_SPACE": "2"})
     vllm.command += ["--port", str(vllm.port)]
-    return {"stepzip": stepzip, "vllm": vllm}
+    return {"stepzip": stepzip, **({"vllm": vllm} if "vllm" in args.arms else {})}
 
 
 # The arms of `bench rollout`: (server, extra request fields). "plain" is the same
@@ -296,7 +303,8 @@ def _rotate(names: list[str], round_index: int) -> list[str]:
 def _measure_rollouts(urls: dict[str, str], problems: list[str], args) -> dict:
     """Rounds rotating over the arms per concurrency; returns {concurrency: {arm: [tok/s,
     ...]}}."""
-    arms = {arm: (urls[server], extra) for arm, (server, extra) in ROLLOUT_ARMS.items()}
+    arms = {arm: (urls[server], extra) for arm, (server, extra) in ROLLOUT_ARMS.items()
+            if arm in args.arms}
     for url, extra in arms.values():  # warm-up: first requests pay for lazy set-up
         asyncio.run(_rollout_round(url, problems[:2], args.k, 8, args.logprobs, extra))
     results: dict[int, dict[str, list[float]]] = {}
@@ -327,6 +335,9 @@ def _rollout_model(label: str, model_path: str | None, problems: list[str], args
     """Measure one model (servers started here unless --url) and print its ratios."""
     reload_s = None
     if args.url:
+        if "vllm" not in args.arms:
+            raise SystemExit("--url names a stepzip and a vLLM server; leave --arms at its "
+                             "default with it")
         results = _measure_rollouts(dict(zip(("stepzip", "vllm"), args.url, strict=True)),
                                     problems, args)
     else:
@@ -345,17 +356,19 @@ def _rollout_model(label: str, model_path: str | None, problems: list[str], args
     out = {"model": label, "path": model_path, "kind": kind, "reload_s": reload_s,
            "by_concurrency": {}}
     for c, per in results.items():
-        ours, theirs = statistics.median(per["stepzip"]), statistics.median(per["vllm"])
-        paired = paired_ratio(per["stepzip"], per["vllm"])
-        vs_plain = paired_ratio(per["stepzip"], per["plain"])
-        out["by_concurrency"][c] = {"stepzip_tok_s": per["stepzip"], "vllm_tok_s": per["vllm"],
-                                    "plain_tok_s": per["plain"], **paired,
-                                    "vs_plain": vs_plain}
-        print(f"[{label}, {kind}] concurrency {c}: stepzip (entropies on) {ours:.1f} tok/s "
-              f"vs vLLM serve {theirs:.1f} tok/s (medians) -> {describe(paired)}", flush=True)
-        print(f"[{label}, {kind}] concurrency {c}: entropies on vs the same server without the "
-              f"stepzip object {statistics.median(per['plain']):.1f} tok/s -> "
-              f"{describe(vs_plain)}", flush=True)
+        row = out["by_concurrency"][c] = {f"{arm}_tok_s": values for arm, values in per.items()}
+        if "stepzip" in per and "vllm" in per:
+            row.update(paired := paired_ratio(per["stepzip"], per["vllm"]))
+            print(f"[{label}, {kind}] concurrency {c}: stepzip (entropies on) "
+                  f"{statistics.median(per['stepzip']):.1f} tok/s vs vLLM serve "
+                  f"{statistics.median(per['vllm']):.1f} tok/s (medians) -> {describe(paired)}",
+                  flush=True)
+        if "stepzip" in per and "plain" in per:
+            row["vs_plain"] = vs_plain = paired_ratio(per["stepzip"], per["plain"])
+            print(f"[{label}, {kind}] concurrency {c}: entropies on "
+                  f"{statistics.median(per['stepzip']):.1f} tok/s vs the same server without "
+                  f"the stepzip object {statistics.median(per['plain']):.1f} tok/s (medians) -> "
+                  f"{describe(vs_plain)}", flush=True)
     if reload_s is not None:
         print(f"[{label}] weight reload on stepzip: {reload_s:.2f} s (median of 3)")
     return out
@@ -372,7 +385,7 @@ def cmd_bench_rollout(args) -> int:
                   for name in args.model]
     _write_summary({"benchmark": "rollout", "k": args.k, "max_tokens": args.max_tokens,
                     "dtype": args.dtype, "logprobs": args.logprobs, "rounds": args.rounds,
-                    "models": models}, args.json)
+                    "arms": args.arms, "models": models}, args.json)
     return 0
 
 

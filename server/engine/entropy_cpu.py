@@ -7,7 +7,9 @@ Per row, while the row sits in the core's cache:
             S = sum e;  T = sum e * d;  H = log S - T / S
 
 so the logits are read once from memory and the arithmetic is `entropy_torch`'s (same
-clamp, same formula) without its four temporaries. `exp` is an inlined Cephes-style
+clamp, same formula) without its four temporaries. The same sums give the row's
+log-normaliser M + log S, which `logprobs_reuse` hands the sampler in place of a second
+log-softmax. `exp` is an inlined Cephes-style
 polynomial (Numba has no vector math library here, so `np.exp` would be a scalar libm
 call per element and the loop would not vectorise), accurate to ~1 ulp on the clamped
 range, where 2^k never goes subnormal.
@@ -107,6 +109,7 @@ if AVAILABLE:
 
     @njit(inline="always", fastmath=_FASTMATH)
     def _row_entropy(x):
+        """(H, log sum exp x) of one row, both float32."""
         m = _row_max(x)
         total = 0.0  # float64 across blocks
         weighted = 0.0
@@ -122,24 +125,28 @@ if AVAILABLE:
                 t += e * d
             total += np.float64(s)
             weighted += np.float64(t)
-        return np.float32(np.log(total) - weighted / total)
+        log_total = np.log(total)
+        return np.float32(log_total - weighted / total), np.float32(np.float64(m) + log_total)
 
     @njit(fastmath=_FASTMATH, cache=True)
-    def _entropy_rows(x, out):
-        """x: [rows, vocab] float32, out: [rows] float32."""
+    def _entropy_rows(x, out, lse):
+        """x: [rows, vocab] float32; out, lse: [rows] float32."""
         for i in range(x.shape[0]):
-            out[i] = _row_entropy(x[i])
+            out[i], lse[i] = _row_entropy(x[i])
 
     @njit(fastmath=_FASTMATH, parallel=True, cache=True)
-    def _entropy_rows_parallel(x, out):
+    def _entropy_rows_parallel(x, out, lse):
         for i in prange(x.shape[0]):
-            out[i] = _row_entropy(x[i])
+            out[i], lse[i] = _row_entropy(x[i])
 
 
-def entropy_cpu(logits: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def entropy_cpu(logits: torch.Tensor, threads: int | None = None,
+                lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, vocab] CPU logits, any float dtype -> [rows] float32 nats.
 
     `threads` defaults to torch's intra-op thread count; 1 runs on the calling thread.
+    `lse_out` ([rows] float32), when given, receives each row's log-normaliser
+    log sum exp(x) = max + log S, which the same pass computes on the way to H.
     """
     if not AVAILABLE:
         raise RuntimeError("entropy_cpu needs numba, which is not importable here")
@@ -152,16 +159,18 @@ def entropy_cpu(logits: torch.Tensor, threads: int | None = None) -> torch.Tenso
     if not x.is_contiguous():
         x = x.contiguous()  # one compiled layout; vLLM's logits are contiguous anyway
     out = torch.empty(x.shape[0], dtype=torch.float32)  # [rows]
+    lse = lse_out if lse_out is not None else torch.empty(x.shape[0], dtype=torch.float32)
+    if lse.shape != out.shape or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse_out must be a contiguous [{x.shape[0]}] float32 tensor")
     if x.shape[0] == 0:
         return out
     if x.shape[1] == 0:
+        lse.fill_(float("-inf"))
         return out.fill_(float("nan"))
     threads = torch.get_num_threads() if threads is None else threads
     if threads > 1 and x.shape[0] > 1:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _entropy_rows_parallel(x.numpy(), out.numpy())
+        _entropy_rows_parallel(x.numpy(), out.numpy(), lse.numpy())
     else:
-        _entropy_rows(x.numpy(), out.numpy())
+        _entropy_rows(x.numpy(), out.numpy(), lse.numpy())
     return out
-
-

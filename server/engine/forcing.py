@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from server.engine import logprobs_reuse
+
 try:
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
@@ -120,6 +122,7 @@ class ForcingProcessorV1(LogitsProcessor):
             host = torch.tensor([rows, tokens], dtype=torch.long, pin_memory=self.pin)
             index = host.to(self.device, non_blocking=True)  # [2, n]
             force_rows(logits, index[0], index[1])
+            logprobs_reuse.note_changed()
         return logits
 
 

@@ -15,6 +15,7 @@ import logging
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
+from server.engine import entropy_cpu, logprobs_reuse
 from server.engine.entropy import EXTRA_ARGS_KEY, entropy_from_logits, get_store, warm_up
 from server.engine.forcing import move_rows
 from server.engine.penalties import Penalty, penalised_entropies
@@ -36,6 +37,11 @@ class EntropyProcessorV1(LogitsProcessor):
         # row -> (key, entry, live output-token list, penalties or None)
         self.rows: dict[int, tuple[str, int, list[int], Penalty | None]] = {}
         warm_up(device, vllm_config.model_config.get_vocab_size())
+        # On the CPU the entropy pass also yields each row's log-normaliser, which the
+        # sampler's processed logprobs can reuse (logprobs_reuse).
+        self.reuse = (device.type == "cpu" and entropy_cpu.AVAILABLE
+                      and getattr(vllm_config.model_config, "logprobs_mode", None) == "processed_logprobs"
+                      and logprobs_reuse.install())
         log.info("entropy processor (legacy runner) on %s, %d torch threads", device,
                  torch.get_num_threads())
 
@@ -66,6 +72,8 @@ class EntropyProcessorV1(LogitsProcessor):
         move_rows(self.rows, batch_update.moved)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.reuse:
+            logprobs_reuse.offer(None)  # nothing from an earlier step survives
         if not self.rows:
             return logits
         num_rows = logits.shape[0]
@@ -85,7 +93,13 @@ class EntropyProcessorV1(LogitsProcessor):
         if 2 * len(rows) >= num_rows:
             # Most rows tracked (every row, in rollouts): entropy of the whole batch beats
             # copying the rows out first; pick the tracked rows from the [num_rows] result.
-            values = entropy_from_logits(logits).index_select(0, index[0])  # [n]
+            if self.reuse:
+                lse = torch.empty(num_rows, dtype=torch.float32)  # [num_rows]
+                values = entropy_cpu.entropy_cpu(logits, lse_out=lse)
+                logprobs_reuse.offer(logits, lse)
+            else:
+                values = entropy_from_logits(logits)  # [num_rows]
+            values = values.index_select(0, index[0])  # [n]
         else:
             values = entropy_from_logits(logits.index_select(0, index[0]))  # [n]
         if penalised:  # this runner penalises after us; the entropy is of V2's order

@@ -68,6 +68,10 @@ CASES = [
     ("stepzip n=14 seeded", "POST", "/v1/completions", cmp({
         **SZ, "n": 14, "temperature": 1.0, "seed": 7, "logprobs": 2,
         "return_token_ids": True}, 16), True),
+    # T = 1 and greedy rollouts with entropies: the processed logprobs come from the
+    # entropy pass's log-normaliser (server/engine/logprobs_reuse.py)
+    ("stepzip greedy logprobs 3", "POST", "/v1/completions", cmp({**SZ, **G, "logprobs": 3}),
+     True),
     ("stepzip n=4 T=0.7 top-p two prompts", "POST", "/v1/completions", cmp({
         **SZ, **SEEDED, "n": 4, "prompt": [P, Q], "logprobs": 0, "return_token_ids": True},
         16), True),

@@ -40,6 +40,18 @@ def test_rollout_rounds_rotate_over_the_three_arms():
     assert bench.ROLLOUT_ARMS["stepzip"][1] == {"stepzip": {"entropies": True}}
 
 
+def test_rollout_arms_without_vllm_start_one_server():
+    from clients.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "rollout", "--model", "tiny", "--arms", "stepzip",
+                                      "plain"])
+    assert args.arms == ["stepzip", "plain"]
+    assert list(bench._rollout_servers("/models/x", args)) == ["stepzip"]
+    args = build_parser().parse_args(["bench", "rollout", "--model", "tiny"])
+    assert args.arms == ["stepzip", "plain", "vllm"]
+    assert list(bench._rollout_servers("/models/x", args)) == ["stepzip", "vllm"]
+
+
 def test_rounds_alternate_who_goes_first():
     assert bench._alternate(["stepzip", "vllm"], 0) == ["stepzip", "vllm"]
     assert bench._alternate(["stepzip", "vllm"], 1) == ["vllm", "stepzip"]

@@ -9,10 +9,9 @@ Per row, while the row sits in the core's cache:
 so the logits are read once from memory and the arithmetic is `entropy_torch`'s (same
 clamp, same formula) without its four temporaries. The same sums give the row's
 log-normaliser M + log S, which `logprobs_reuse` hands the sampler in place of a second
-log-softmax. `exp` is an inlined Cephes-style
-polynomial (Numba has no vector math library here, so `np.exp` would be a scalar libm
-call per element and the loop would not vectorise), accurate to ~1 ulp on the clamped
-range, where 2^k never goes subnormal.
+log-softmax. `exp` is an inlined Cephes-style polynomial (Numba has no vector math
+library here, so `np.exp` would be a scalar libm call per element and the loop would not
+vectorise), accurate to ~1 ulp on the clamped range, where 2^k never goes subnormal.
 Partial sums run in float32 per 1,024-element block and add up in float64, so the error
 stays near float32 epsilon times H even for 262k-entry vocabularies.
 
